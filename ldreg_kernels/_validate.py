@@ -1,0 +1,92 @@
+"""Argument checks shared by the public API and every backend.
+
+Shape, dtype and device checks are static, so they run in the Python wrapper (and under
+torch.compile without graph breaks). The NaN/Inf check reads the data, so it runs inside
+the custom ops' eager implementations (see ``check_finite``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ESTIMATORS = ("mom", "mle")
+REGS = ("l1", "l2")
+
+
+def check_features(t: object, name: str) -> None:
+    """A 2-D, non-empty, floating-point tensor, else TypeError/ValueError naming ``name``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), "
+            f"got {t.dtype}"
+        )
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+
+
+def check_pair(x: Tensor, ref: Tensor) -> None:
+    """x and ref agree in feature dim, device and dtype."""
+    if x.shape[1] != ref.shape[1]:
+        raise ValueError(
+            f"x and ref must have the same feature dimension: x has D={x.shape[1]}, "
+            f"ref has D={ref.shape[1]}"
+        )
+    if x.device != ref.device:
+        raise ValueError(f"x and ref must be on the same device: x on {x.device}, ref on {ref.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"x and ref must have the same dtype: x is {x.dtype}, ref is {ref.dtype}")
+
+
+def check_k(k: object, n_ref: int, n_query: int, exclude_self: bool, self_offset: object) -> None:
+    """k in [1, N - 1] with self excluded (else [1, N]); queries fit inside ref at self_offset."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if isinstance(self_offset, bool) or not isinstance(self_offset, int):
+        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got k={k}")
+    if exclude_self:
+        if self_offset < 0 or self_offset + n_query > n_ref:
+            raise ValueError(
+                f"self_offset={self_offset} puts the {n_query} queries outside ref's {n_ref} rows "
+                f"(need 0 <= self_offset <= N - B = {n_ref - n_query}); pass exclude_self=False "
+                "if ref does not contain the queries"
+            )
+        if k > n_ref - 1:
+            raise ValueError(
+                f"k={k} exceeds the N - 1 = {n_ref - 1} reference rows left after excluding self"
+            )
+    elif k > n_ref:
+        raise ValueError(f"k={k} exceeds the N = {n_ref} reference rows")
+
+
+def check_lid_args(k: int, estimator: object, eps: object) -> None:
+    """An estimator name, k >= 2 (one neighbour gives no LID), and eps > 0."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if k < 2:
+        raise ValueError(f"k must be >= 2 to estimate LID, got k={k}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+
+
+def check_reg_args(beta: object, reg: object) -> None:
+    """A finite real beta and a regulariser name."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta != beta or abs(beta) == float("inf"):
+        raise ValueError(f"beta must be a finite float, got {beta!r}")
+    if reg not in REGS:
+        raise ValueError(f"reg must be one of {REGS}, got {reg!r}")
+
+
+def check_finite(t: Tensor, name: str) -> None:
+    """Raise if ``t`` has NaN or Inf (one reduction; a device sync on GPU)."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(
+            f"{name} contains NaN or Inf; LID is undefined for non-finite features "
+            "(check the encoder output before the regulariser)"
+        )

@@ -1,0 +1,67 @@
+"""``LDReg``: the regulariser as an ``nn.Module``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from . import _validate as V
+from .api import DEFAULT_EPS, ldreg_loss
+from .ops import BACKENDS
+
+
+class LDReg(nn.Module):
+    """Local Dimensionality Regularisation (Huang et al., ICLR 2024, arXiv 2401.10474).
+
+    Adds ``-beta * mean ln LID`` ("l1") or ``-beta * sqrt(mean (ln LID)^2)`` ("l2") of the
+    features' local intrinsic dimensionality, estimated from each sample's k nearest
+    neighbours in the reference set (default: the batch itself, detached, self excluded).
+
+    Args:
+        k: neighbours per sample (paper: 64; 16/32 at batch 512/1024). k >= 2.
+        beta: strength (paper: 0.01 SimCLR, 0.005 BYOL).
+        reg: "l1" or "l2".
+        estimator: "mom" (paper) or "mle".
+        eps: floor that keeps degenerate neighbourhoods finite.
+        backend: "auto" or a name from ``ldreg_kernels.available_backends()``.
+
+    Shape:
+        forward(x: (B, D), ref: (N, D) or None) -> scalar.
+
+    Example:
+        >>> reg = LDReg(k=32, beta=0.01)
+        >>> loss = ssl_loss + reg(encoder_output)
+    """
+
+    def __init__(
+        self,
+        k: int = 64,
+        beta: float = 0.01,
+        reg: str = "l1",
+        estimator: str = "mom",
+        eps: float = DEFAULT_EPS,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        V.check_lid_args(k, estimator, eps)
+        V.check_reg_args(beta, reg)
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+        self.k, self.beta, self.reg = k, float(beta), reg
+        self.estimator, self.eps, self.backend = estimator, float(eps), backend
+
+    def forward(self, x: Tensor, ref: Optional[Tensor] = None, self_offset: int = 0) -> Tensor:
+        """The regulariser for features ``x`` (B, D) against ``ref`` (default: x, detached)."""
+        return ldreg_loss(
+            x, ref, self.k, self.beta, reg=self.reg, estimator=self.estimator, eps=self.eps,
+            self_offset=self_offset, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, beta={self.beta}, reg={self.reg!r}, estimator={self.estimator!r}, "
+            f"backend={self.backend!r}"
+        )

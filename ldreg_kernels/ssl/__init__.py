@@ -1,0 +1,1 @@
+"""Small self-supervised trainers that use LDReg on real bundled data."""

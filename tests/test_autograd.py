@@ -1,0 +1,138 @@
+"""Backward passes, custom-op registration (opcheck) and torch.compile."""
+
+import pytest
+import torch
+
+import ldreg_kernels as L
+from ldreg_kernels import reference
+from utils import features, generator
+
+
+def _inputs(backend, tag, b=14, n=23, d=6):
+    g = generator("grad", backend, tag)
+    x = features(b, d, g, torch.float64).requires_grad_()
+    ref = features(n, d, g, torch.float64)
+    return x, ref
+
+
+def test_gradcheck_knn_fixed_ref(device_backend):
+    dev, backend = device_backend
+    x, ref = _inputs(backend, "fixed")
+    x, ref = x.detach().to(dev).requires_grad_(), ref.to(dev)
+    assert torch.autograd.gradcheck(lambda a: L.knn(a, ref, 5, exclude_self=False, backend=backend)[0], (x,))
+
+
+def test_gradcheck_knn_ref_requires_grad(device_backend):
+    dev, backend = device_backend
+    x, ref = _inputs(backend, "both")
+    x, ref = x.detach().to(dev).requires_grad_(), ref.to(dev).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, r: L.knn(a, r, 5, exclude_self=False, backend=backend)[0], (x, ref)
+    )
+
+
+def test_gradcheck_self_reference_not_detached(device_backend):
+    """ref=x (not detached): the gradient reaches x through both the queries and the reference."""
+    dev, backend = device_backend
+    x, _ = _inputs(backend, "self")
+    x = x.detach().to(dev).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: L.knn(a, a, 4, backend=backend)[0], (x,))
+
+
+@pytest.mark.parametrize("estimator", ["mom", "mle"])
+@pytest.mark.parametrize("reg", ["l1", "l2"])
+def test_gradcheck_lid_and_loss(device_backend, estimator, reg):
+    dev, backend = device_backend
+    x, ref = _inputs(backend, estimator + reg)
+    x, ref = x.detach().to(dev).requires_grad_(), ref.to(dev)
+    ref[:14] = x.detach()  # queries inside ref: self excluded at offset 0
+    assert torch.autograd.gradcheck(lambda a: L.lid(a, ref, 6, estimator=estimator, backend=backend), (x,))
+    assert torch.autograd.gradcheck(
+        lambda a: L.ldreg_loss(a, ref, 6, 0.7, reg=reg, estimator=estimator, backend=backend), (x,)
+    )
+
+
+def test_grad_matches_autograd_through_oracle(device_backend):
+    """Our backward op vs plain autograd through the oracle's cdist + sort, with one shared grad_output."""
+    dev, backend = device_backend
+    g = generator("oraclegrad", backend)
+    x = features(40, 11, g, torch.float64)
+    ref = features(60, 11, g, torch.float64)
+    gout = torch.randn(40, 7, generator=g, dtype=torch.float64)
+    xa, ra = x.clone().requires_grad_(), ref.clone().requires_grad_()
+    d_or, _ = reference.knn(xa, ra, 7, exclude_self=False)
+    gx_or, gr_or = torch.autograd.grad(d_or, (xa, ra), gout)
+    xb, rb = x.to(dev).requires_grad_(), ref.to(dev).requires_grad_()
+    d, _ = L.knn(xb, rb, 7, exclude_self=False, backend=backend)
+    gx, gr = torch.autograd.grad(d, (xb, rb), gout.to(dev))
+    torch.testing.assert_close(gx.cpu(), gx_or, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gr.cpu(), gr_or, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_distance_contributes_zero_gradient(device_backend):
+    """A duplicate neighbour (r = 0) has no direction; like torch.cdist it gives 0, never NaN."""
+    dev, backend = device_backend
+    g = generator("zero", backend)
+    x = features(10, 5, g, torch.float64)
+    x[5:] = x[:5]
+    xa = x.clone().to(dev).requires_grad_()
+    d, idx = L.knn(xa, xa.detach(), 3, backend=backend)
+    assert (d[:, 0] == 0).all()
+    gout = torch.zeros_like(d)
+    gout[:, 0] = 1.0  # only the zero-distance neighbour
+    (gx,) = torch.autograd.grad(d, (xa,), gout)
+    assert torch.equal(gx, torch.zeros_like(gx))
+    loss = L.ldreg_loss(xa, k=3, beta=1.0, backend=backend)
+    (gl,) = torch.autograd.grad(loss, (xa,))
+    assert torch.isfinite(gl).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_grad_dtype(device_backend, dtype):
+    dev, backend = device_backend
+    g = generator("lpgrad", backend, dtype)
+    x = features(30, 9, g, dtype).to(dev).requires_grad_()
+    L.ldreg_loss(x, k=5, beta=1.0, backend=backend).backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+    # Same gradient as float32 on the same (rounded) values, within bf16's rounding.
+    x32 = x.detach().float().requires_grad_()
+    L.ldreg_loss(x32, k=5, beta=1.0, backend=backend).backward()
+    torch.testing.assert_close(x.grad.float(), x32.grad.to(dtype).float(), rtol=0, atol=0)
+
+
+def test_opcheck_every_forward_op(device_backend):
+    dev, backend = device_backend
+    op = getattr(torch.ops.ldreg, f"knn_{backend}").default
+    for tag, excl, off in [("a", False, 0), ("b", True, 3)]:
+        g = generator("opcheck", backend, tag)
+        x = features(12, 7, g, torch.float64).to(dev).requires_grad_()
+        ref = features(20, 7, g, torch.float64).to(dev).requires_grad_()
+        torch.library.opcheck(op, (x, ref, 4, off, excl))
+        torch.library.opcheck(op, (x.detach().float(), ref.detach().float(), 4, off, excl))
+
+
+def test_opcheck_backward_op():
+    g = generator("opcheck-bwd")
+    x = features(12, 7, g, torch.float64)
+    ref = features(20, 7, g, torch.float64)
+    d, i = L.knn(x, ref, 4, exclude_self=False, backend="torch")
+    gd = torch.randn(d.shape, generator=g, dtype=torch.float64)
+    for need_ref in (False, True):
+        torch.library.opcheck(torch.ops.ldreg.knn_backward.default, (gd, x, ref, i, d, need_ref))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    g = generator("compile")
+    x = features(48, 16, g)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    def step(a):
+        return (a**2).mean() + L.ldreg_loss(a, k=8, beta=0.5, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True)
+    lc = compiled(x1)
+    lc.backward()
+    le = step(x2)
+    le.backward()
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(x1.grad, x2.grad)

@@ -1,0 +1,168 @@
+"""Bad input gets a clear error naming the argument; degenerate input gets finite values."""
+
+import re
+
+import pytest
+import torch
+
+import ldreg_kernels as L
+from utils import features, generator
+
+X = features(10, 4, generator("errors-x"))
+REF = features(20, 4, generator("errors-ref"))
+
+
+def _raises(exc, msg, fn, *args, **kw):
+    with pytest.raises(exc, match=re.escape(msg)):
+        fn(*args, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        (dict(k=0), ValueError, "k must be >= 1, got k=0"),
+        (dict(k=-3), ValueError, "k must be >= 1, got k=-3"),
+        (dict(k=10), ValueError, "k=10 exceeds the N - 1 = 9 reference rows left after excluding self"),
+        (dict(k=11, exclude_self=False), ValueError, "k=11 exceeds the N = 10 reference rows"),
+        (dict(k=2.0), TypeError, "k must be an int, got float"),
+        (dict(k=True), TypeError, "k must be an int, got bool"),
+        (dict(k=3, self_offset=1), ValueError, "self_offset=1 puts the 10 queries outside ref's 10 rows"),
+        (dict(k=3, self_offset=-1), ValueError, "self_offset=-1 puts the 10 queries outside"),
+        (dict(k=3, backend="nope"), ValueError, "backend must be 'auto' or one of"),
+    ],
+)
+def test_bad_k_offset_backend(kwargs, exc, msg):
+    _raises(exc, msg, L.knn, X, **kwargs)
+
+
+def test_k_limit_with_separate_ref():
+    _raises(ValueError, "k=20 exceeds the N - 1 = 19", L.knn, X, REF, 20)
+    _raises(ValueError, "k=21 exceeds the N = 20 reference rows", L.knn, X, REF, 21, exclude_self=False)
+    assert L.knn(X, REF, 20, exclude_self=False)[0].shape == (10, 20)
+
+
+@pytest.mark.parametrize(
+    "x, ref, exc, msg",
+    [
+        (X, REF[:, :3], ValueError, "x and ref must have the same feature dimension: x has D=4, ref has D=3"),
+        (X, REF.double(), TypeError, "x and ref must have the same dtype: x is torch.float32, ref is torch.float64"),
+        (X, REF.to("meta"), ValueError, "x and ref must be on the same device: x on cpu, ref on meta"),
+        (X[0], None, ValueError, "x must be 2-D (rows, features), got shape (4,)"),
+        (X.unsqueeze(0), None, ValueError, "x must be 2-D (rows, features), got shape (1, 10, 4)"),
+        (X, REF[0], ValueError, "ref must be 2-D (rows, features), got shape (4,)"),
+        (X[:0], None, ValueError, "x is empty: shape (0, 4)"),
+        (X, REF[:0], ValueError, "ref is empty: shape (0, 4)"),
+        (X[:, :0], None, ValueError, "x is empty: shape (10, 0)"),
+        (X.long(), None, TypeError, "x must be a floating-point tensor (float16, bfloat16, float32, float64), got torch.int64"),
+        (X, REF.int(), TypeError, "ref must be a floating-point tensor"),
+        (X.bool(), None, TypeError, "got torch.bool"),
+        (X.numpy(), None, TypeError, "x must be a torch.Tensor, got ndarray"),
+        (X, REF.tolist(), TypeError, "ref must be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_tensors(x, ref, exc, msg):
+    _raises(exc, msg, L.knn, x, ref, 2, exclude_self=ref is None)
+    _raises(exc, msg, L.lid, x, ref, 2, exclude_self=ref is None)
+    _raises(exc, msg, L.ldreg_loss, x, ref, 2, 0.1, exclude_self=ref is None)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs(device_backend, bad):
+    dev, backend = device_backend
+    x = X.clone()
+    x[3, 1] = bad
+    _raises(ValueError, "x contains NaN or Inf", L.knn, x.to(dev), k=3, backend=backend)
+    ref = REF.clone()
+    ref[7, 2] = bad
+    _raises(ValueError, "ref contains NaN or Inf", L.lid, X.to(dev), ref.to(dev), 3, exclude_self=False, backend=backend)
+    _raises(ValueError, "x contains NaN or Inf", L.LDReg(k=3, backend=backend), x.to(dev).requires_grad_())
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        (dict(k=1), ValueError, "k must be >= 2 to estimate LID, got k=1"),
+        (dict(k=3, estimator="mean"), ValueError, "estimator must be one of ('mom', 'mle'), got 'mean'"),
+        (dict(k=3, eps=0.0), ValueError, "eps must be a positive float, got 0.0"),
+        (dict(k=3, eps=-1e-3), ValueError, "eps must be a positive float, got -0.001"),
+    ],
+)
+def test_bad_lid_args(kwargs, exc, msg):
+    _raises(exc, msg, L.lid, X, **kwargs)
+    _raises(exc, msg, L.LDReg, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        (dict(beta=float("nan")), ValueError, "beta must be a finite float, got nan"),
+        (dict(beta="0.1"), ValueError, "beta must be a finite float, got '0.1'"),
+        (dict(reg="l3"), ValueError, "reg must be one of ('l1', 'l2'), got 'l3'"),
+    ],
+)
+def test_bad_loss_args(kwargs, exc, msg):
+    _raises(exc, msg, L.ldreg_loss, X, None, 3, **{"beta": 0.1, **kwargs})
+    _raises(exc, msg, L.LDReg, 3, **kwargs)
+
+
+def test_module_rejects_bad_backend_and_k_type():
+    _raises(ValueError, "backend must be 'auto' or one of", L.LDReg, 3, backend="fast")
+    _raises(TypeError, "k must be an int, got float", L.LDReg, 3.0)
+
+
+def test_explicit_unavailable_backend_says_why(monkeypatch):
+    from ldreg_kernels import ops
+
+    def broken():
+        raise ImportError("compiled module not built")
+
+    monkeypatch.setitem(ops.BACKENDS, "fake", ops.Backend("fake", ("cpu",), broken))
+    _raises(RuntimeError, "backend 'fake' is not available: compiled module not built", L.knn, X, k=2, backend="fake")
+    monkeypatch.setitem(ops.BACKENDS, "gpuonly", ops.Backend("gpuonly", ("cuda",), lambda: None))
+    _raises(RuntimeError, "backend 'gpuonly' runs on ['cuda'], not on cpu tensors", L.knn, X, k=2, backend="gpuonly")
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    from ldreg_kernels import ops
+
+    def broken():
+        raise ImportError("not built")
+
+    monkeypatch.setitem(ops.BACKENDS, "cpu", ops.Backend("cpu", ("cpu",), broken))
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(UserWarning, match=re.escape("backend 'cpu' unavailable (not built); falling back")):
+        d_auto, _ = L.knn(X, k=3)
+    d_torch, _ = L.knn(X, k=3, backend="torch")
+    assert torch.equal(d_auto, d_torch)
+
+
+# ------------------------------------------------------------------ degenerate inputs
+def test_equidistant_neighbours_are_finite_and_identical(device_backend):
+    """w == m (all k neighbours at the same distance): MoM = m/eps, MLE = k/eps, never inf/NaN."""
+    dev, backend = device_backend
+    d = 6
+    eye = torch.eye(d, dtype=torch.float64)
+    x = torch.cat([torch.zeros(1, d, dtype=torch.float64), eye, -eye]).to(dev)
+    eps = 1e-9
+    mom = L.lid(x, k=5, estimator="mom", eps=eps, backend=backend)[0]
+    mle = L.lid(x, k=5, estimator="mle", eps=eps, backend=backend)[0]
+    assert float(mom) == pytest.approx(1.0 / eps) and float(mle) == pytest.approx(5 / eps)
+    xr = x.clone().requires_grad_()
+    loss = L.ldreg_loss(xr, k=5, beta=1.0, eps=eps, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(xr.grad).all()
+
+
+@pytest.mark.parametrize("estimator", ["mom", "mle"])
+def test_all_zero_distances_are_finite(device_backend, estimator):
+    """A fully collapsed batch (all rows equal): every distance is 0, LID stays finite."""
+    dev, backend = device_backend
+    x = features(1, 8, generator("collapse")).expand(16, 8).contiguous().to(dev).requires_grad_()
+    lids = L.lid(x, k=4, estimator=estimator, backend=backend)
+    assert torch.isfinite(lids).all() and (lids > 0).all()
+    expected = 1.0 if estimator == "mom" else 4 / 1e-12
+    assert torch.allclose(lids.double().cpu(), torch.full((16,), expected, dtype=torch.float64))
+    for reg in ("l1", "l2"):
+        loss = L.ldreg_loss(x, k=4, beta=1.0, reg=reg, estimator=estimator, backend=backend)
+        (g,) = torch.autograd.grad(loss, (x,))
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
