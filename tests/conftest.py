@@ -6,6 +6,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # run the Triton kernels on CPU tensors (interpreter); before the import below
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import ldreg_kernels as L  # noqa: E402
 from utils import SESSION_SEED  # noqa: E402
 

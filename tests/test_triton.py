@@ -1,0 +1,223 @@
+"""Triton backend: fused selection kernel, exact re-rank + safety net, backward and LID kernels.
+
+On a machine without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1,
+CPU tensors; set before ldreg_kernels is first imported, see conftest.py). Shapes are small
+but chosen to straddle the kernel's blocks: B and N not multiples of BLOCK_M / BLOCK_N, D
+not a power of two and larger than one D chunk (BLOCK_D <= 64), candidate buffers smaller
+than N so the streaming merge and the safety net both run.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import ldreg_kernels as L  # noqa: E402
+from ldreg_kernels import estimators, torch_impl  # noqa: E402
+from utils import assert_knn_matches, features, generator, make_inputs, random_case  # noqa: E402
+
+if "triton" not in L.available_backends("cuda" if torch.cuda.is_available() else "cpu"):
+    pytest.skip("triton backend unavailable (needs triton, and CUDA or TRITON_INTERPRET=1 "
+                "set before ldreg_kernels is imported)", allow_module_level=True)
+
+import ldreg_kernels.triton as T  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SEL_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _knn(x, ref, k, off=0, excl=True, precision=None, margin=None):
+    d, i = T.knn_forward(x.to(DEV), ref.to(DEV), k, off, excl, precision=precision, margin=margin)
+    return d.cpu(), i.cpu()
+
+
+@pytest.mark.parametrize("dtype", SEL_DTYPES, ids=str)
+@pytest.mark.parametrize("precision", T.PRECISIONS)
+def test_random_shapes_every_precision(precision, dtype):
+    g = generator("triton-rand", precision, dtype)
+    case = random_case(g, max_b=70, max_d=90)
+    x, ref = make_inputs(case, g, dtype)
+    dist, idx = _knn(x, ref, case["k"], case["self_offset"], precision=precision)
+    assert dist.dtype == torch_impl.compute_dtype(dtype)
+    checked = assert_knn_matches(dist, idx, x, ref, case["k"], self_offset=case["self_offset"])
+    assert checked > 0.5, f"gap check covered only {checked:.0%} of rows: {case}"
+
+
+@pytest.mark.parametrize("dtype", SEL_DTYPES, ids=str)
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_streaming_partial_selection(precision, dtype):
+    """N well past the candidate buffer (64): streaming merge, ragged tiles, D over 2 chunks."""
+    g = generator("triton-stream", precision, dtype)
+    case = dict(b=45, n=203, d=100, k=7, self_offset=37, kind="manifold")
+    x, ref = make_inputs(case, g, dtype)
+    dist, idx = _knn(x, ref, case["k"], case["self_offset"], precision=precision)
+    # The exact answer is unique given exact distances: equal to the torch backend's.
+    d0, i0 = torch_impl.knn_forward(x, ref, case["k"], case["self_offset"], True)
+    assert torch.equal(idx, i0) and torch.equal(dist, d0)
+    assert_knn_matches(dist, idx, x, ref, case["k"], self_offset=case["self_offset"])
+
+
+def test_memory_bank_exclude_self_false():
+    g = generator("triton-bank")
+    x = features(21, 19, g)
+    bank = features(150, 19, g)
+    dist, idx = _knn(x, bank, 9, excl=False)
+    assert_knn_matches(dist, idx, x, bank, 9, exclude_self=False)
+
+
+def test_k_near_n():
+    g = generator("triton-knear")
+    x = features(40, 9, g)
+    for k in (38, 39):
+        dist, idx = _knn(x, x, k)
+        assert_knn_matches(dist, idx, x, x, k)
+
+
+def test_large_k_512():
+    """k = 512: buffer of 1024 (k + margin rounded up), smaller than N, so it streams."""
+    g = generator("triton-k512")
+    ref = features(1100, 6, g)
+    x = ref[200:208].clone()
+    dist, idx = _knn(x, ref, 512, 200, precision="ieee")
+    assert_knn_matches(dist, idx, x, ref, 512, self_offset=200)
+
+
+def test_k_past_max_buffer_falls_back(monkeypatch):
+    g = generator("triton-fallback")
+    x = features(30, 5, g)
+    monkeypatch.setattr(T.knn_fwd, "MAX_KP", 32)
+    dist, idx = _knn(x, x, 25)
+    assert_knn_matches(dist, idx, x, x, 25)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_ties_wider_than_margin_go_to_lower_index(precision):
+    """128 points at distance exactly 1 from query 0, buffer 64: the safety net must redo it."""
+    d = 64
+    eye = torch.eye(d)
+    x = torch.cat([torch.zeros(1, d), eye, -eye])
+    dist, idx = _knn(x, x, 5, precision=precision)
+    assert idx[0].tolist() == [1, 2, 3, 4, 5]
+    assert torch.equal(dist[0], torch.ones(5))
+    assert_knn_matches(dist, idx, x, x, 5)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_duplicates_excluded_by_index(precision):
+    g = generator("triton-dup", precision)
+    x = features(140, 13, g)
+    x[70:] = x[:70]
+    dist, idx = _knn(x, x, 3, precision=precision)
+    twin = (torch.arange(140) + 70) % 140
+    assert (idx[:, 0] == twin).all() and (dist[:, 0] == 0).all()
+    assert not (idx == torch.arange(140).unsqueeze(1)).any()
+    assert_knn_matches(dist, idx, x, x, 3)
+
+
+def test_selection_kernel_keeps_smallest_scores():
+    """The kernel's buffer holds exactly the kp smallest (score, index) keys, own row excluded."""
+    g = generator("triton-select")
+    ref = features(150, 20, g, torch.float64).float()
+    x = ref[:33].clone()
+    own = torch.arange(33) + 0
+    sq = (ref * ref).sum(1)
+    keys = T.select_candidates(x.to(DEV), ref.to(DEV), sq.to(DEV), own.to(DEV), 64, "ieee").cpu()
+    idx, score = T.knn_fwd._decode(keys)
+    s_ref = sq - 2 * x.double() @ ref.double().t()
+    s_ref[torch.arange(33), own] = float("inf")
+    want = torch.sort(s_ref, 1).values[:, :64]
+    # Scores are the kernel's fp32 values: compare to within fp32 rounding of |r|^2 scale.
+    tol = 1e-5 * float(sq.max())
+    assert (score.double() - want).abs().max() < tol
+    assert (keys[:, 1:] > keys[:, :-1]).all(), "buffer must be strictly ascending"
+    assert not (idx == own.unsqueeze(1)).any()
+
+
+def test_precision_setting():
+    assert T.get_precision() in T.PRECISIONS
+    old = T.get_precision()
+    with T.selection_precision("bf16"):
+        assert T.get_precision() == "bf16"
+    assert T.get_precision() == old
+    with pytest.raises(ValueError):
+        T.set_precision("fp8")
+    with pytest.raises(ValueError):
+        T.knn_forward(torch.zeros(4, 2), torch.zeros(4, 2), 2, 0, True, precision="fp16")
+
+
+def test_op_autograd_matches_torch_backend():
+    g = generator("triton-op-grad")
+    x = features(37, 21, g, kind="manifold")
+    gout = torch.randn(37, 6, generator=g)
+    xa = x.clone().to(DEV).requires_grad_()
+    xb = x.clone().requires_grad_()
+    with T.selection_precision("tf32"):
+        d, i = L.knn(xa, xa, 6, backend="triton")
+    d0, i0 = L.knn(xb, xb, 6, backend="torch")
+    assert torch.equal(i.cpu(), i0) and torch.equal(d.detach().cpu(), d0.detach())
+    (ga,) = torch.autograd.grad(d, (xa,), gout.to(DEV))
+    (gb,) = torch.autograd.grad(d0, (xb,), gout)
+    torch.testing.assert_close(ga.cpu(), gb, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- backward kernel
+@pytest.mark.parametrize("need_ref", [False, True])
+@pytest.mark.parametrize("dtype", SEL_DTYPES, ids=str)
+def test_backward_kernel_matches_torch(dtype, need_ref):
+    g = generator("triton-bwd", dtype, need_ref)
+    ref = features(61, 37, g, dtype)
+    x = ref[5:34].clone()
+    x[3] = ref[40]  # a zero-distance neighbour: contributes 0, not NaN
+    dist, idx = torch_impl.knn_forward(x, ref, 9, 5, True)
+    gd = torch.randn(dist.shape, generator=g, dtype=dist.dtype)
+    want_x, want_r = torch_impl.knn_backward(gd, x, ref, idx, dist, need_ref)
+    got_x, got_r = T.knn_backward(gd.to(DEV), x.to(DEV), ref.to(DEV), idx.to(DEV), dist.to(DEV), need_ref)
+    assert got_x.dtype == dtype and torch.isfinite(got_x.float()).all()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    if dtype == torch.bfloat16:
+        tol = dict(rtol=1e-2, atol=1e-2)  # the same fp32 sums, rounded once to bf16
+    torch.testing.assert_close(got_x.cpu().float(), want_x.float(), **tol)
+    if need_ref:
+        assert got_r.dtype == dtype
+        torch.testing.assert_close(got_r.cpu().float(), want_r.float(), **tol)
+    else:
+        assert got_r is None
+
+
+# ---------------------------------------------------------------- LID epilogue kernel
+@pytest.mark.parametrize("estimator", ["mom", "mle"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_lid_epilogue_matches_estimators(estimator, dtype):
+    g = generator("triton-lid", estimator, dtype)
+    x = features(50, 23, g, dtype, "manifold")
+    dist, _ = torch_impl.knn_forward(x, x, 20, 0, True)
+    dist[0] = 0.0  # all zero: guarded
+    dist[1] = 2.5  # equidistant: w == m
+    dist[2, :3] = 0.0  # some zero distances
+    for eps in (1e-12, 1e-3):
+        want = estimators.lid_from_distances(dist, estimator, eps)
+        got = T.lid_from_distances(dist.to(DEV), estimator, eps).cpu()
+        assert got.dtype == want.dtype and torch.isfinite(got).all()
+        rtol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+
+
+def test_torch_compile_fullgraph_through_triton_op():
+    """ldreg::knn_triton is an opaque custom op: torch.compile(fullgraph=True) keeps it whole."""
+    g = generator("triton-compile")
+    x = features(40, 16, g).to(DEV)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    def step(a):
+        return (a**2).mean() + L.ldreg_loss(a, k=8, beta=0.5, backend="triton")
+
+    lc = torch.compile(step, fullgraph=True)(x1)
+    lc.backward()
+    le = step(x2)
+    le.backward()
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(x1.grad, x2.grad)
