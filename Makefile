@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch 2.13.0's CPU wheel is on local disk on the dev/CI machines; triton runs the kernels
 # under TRITON_INTERPRET=1 there.
-DEPS := torch==2.13.0 triton==3.6.0 numpy pytest hypothesis mlxtend tqdm matplotlib ninja setuptools wheel
+DEPS := torch==2.13.0 triton==3.6.0 numpy pytest hypothesis mlxtend tqdm matplotlib ninja "setuptools>=77" wheel
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench ctest nvcc-check clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -25,8 +25,25 @@ demo: $(STAMP)
 	$(BIN)/python -m ldreg_kernels.demo
 	$(BIN)/python benchmarks/bench_knn.py --quick --no-csv
 
+# Compile the CUDA sources with nvcc alone (sm_80 + sm_90), so CUDA syntax/type errors fail CI
+# without a GPU. The CPU torch wheel lacks c10/cuda's generated cmake header, hence
+# -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE (it only defines a Windows export macro).
+NVCC ?= $(or $(CUDA_HOME),/usr/local/cuda)/bin/nvcc
+nvcc-check: $(STAMP)
+	@mkdir -p build
+	$(NVCC) -std=c++20 -O3 --expt-relaxed-constexpr -DLDREG_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+	  -D__CUDA_NO_HALF_OPERATORS__ -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	  -Icsrc $$($(BIN)/python -c 'import sysconfig, torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths() + [sysconfig.get_paths()["include"]]))') \
+	  -c csrc/cuda/knn_cuda.cu -o build/nvcc-check.o
+
+# The C++ build (CMakeLists.txt) and its ctest executable, against the venv's libtorch.
+ctest: $(STAMP)
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch;print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_knn.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info ldreg_kernels/_C*.so

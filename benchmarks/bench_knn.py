@@ -17,6 +17,7 @@ import csv
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -78,12 +79,44 @@ def providers(device: torch.device) -> dict[str, Callable]:
     return out
 
 
-def run_shape(b: int, n: int, d: int, k: int, device: torch.device, repeats: int, modes: list[str]) -> list[dict]:
+def make_inputs(b: int, n: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(b, d, generator=g).to(device)
     ref = x if b == n else torch.randn(n, d, generator=g).to(device)
     if b != n:
         ref[:b] = x  # queries sit at the front of ref, self excluded at offset 0
+    return x, ref
+
+
+def peak_extra_mb(provider: str, b: int, n: int, d: int, k: int, device: torch.device) -> float:
+    """Peak memory one forward call adds on top of its inputs, in MiB.
+
+    GPU: torch.cuda.max_memory_allocated. CPU: the torch CPU allocator keeps no statistics,
+    so a fresh process measures the growth of its peak RSS (ru_maxrss) across one call.
+    """
+    if device.type == "cuda":
+        x, ref = make_inputs(b, n, d, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        providers(device)[provider](x, ref, k)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    code = (
+        "import resource, sys, torch; sys.path.insert(0, {root!r}); from benchmarks import bench_knn as B; "
+        "x, ref = B.make_inputs({b}, {n}, {d}, torch.device('cpu')); f = B.providers(torch.device('cpu'))[{p!r}]; "
+        "f(x[:2], ref[:64], 2); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; f(x, ref, {k}); "
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+    ).format(root=os.path.join(os.path.dirname(__file__), ".."), b=b, n=n, d=d, k=k, p=provider)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        return float("nan")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run_shape(b: int, n: int, d: int, k: int, device: torch.device, repeats: int, modes: list[str],
+              memory: bool = False) -> list[dict]:
+    x, ref = make_inputs(b, n, d, device)
     d64, i64 = reference.knn(x.double(), ref.double(), k)
     lid64 = reference.lid_mom(d64)
     rows = []
@@ -92,6 +125,7 @@ def run_shape(b: int, n: int, d: int, k: int, device: torch.device, repeats: int
     for name, fn in providers(device).items():
         dist, idx = fn(x, ref, k)
         recall = float((idx.unsqueeze(2) == i64.unsqueeze(1)).any(2).float().mean())
+        mem = peak_extra_mb(name, b, n, d, k, device) if memory else float("nan")
         lid_err = float(((reference.lid_mom(dist.double()) - lid64).abs() / lid64).max())
         for mode in modes:
             if mode == "fwd":
@@ -107,10 +141,11 @@ def run_shape(b: int, n: int, d: int, k: int, device: torch.device, repeats: int
             rows.append(dict(
                 provider=name, mode=mode, B=b, N=n, D=d, k=k, ms=med, p20=p20, p80=p80,
                 tflops=flops / med / 1e9, x_floor=med / floor_ms, recall=recall, max_rel_lid_err=lid_err,
+                peak_extra_mb=mem if mode == "fwd" else float("nan"),
             ))
     rows.append(dict(provider="floor: x @ ref.T", mode="fwd", B=b, N=n, D=d, k=k, ms=floor_ms, p20=float("nan"),
                      p80=float("nan"), tflops=flops / floor_ms / 1e9, x_floor=1.0, recall=float("nan"),
-                     max_rel_lid_err=float("nan")))
+                     max_rel_lid_err=float("nan"), peak_extra_mb=float("nan")))
     return rows
 
 
@@ -121,8 +156,9 @@ def machine_name(device: torch.device) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    head = "| provider | mode | B | N | D | k | ms (p20-p80) | TFLOP/s | x floor | vs paper | recall@k | max rel LID err |"
-    lines = [head, "|" + "---|" * 12]
+    head = ("| provider | mode | B | N | D | k | ms (p20-p80) | TFLOP/s | x floor | vs paper | recall@k | "
+            "max rel LID err | peak extra MiB (fwd) |")
+    lines = [head, "|" + "---|" * 13]
     paper = {(r["mode"], r["B"], r["N"], r["D"], r["k"]): r["ms"] for r in rows if r["provider"] == "paper cdist+sort"}
     for r in rows:
         base = paper.get((r["mode"], r["B"], r["N"], r["D"], r["k"]))
@@ -130,7 +166,7 @@ def to_markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['provider']} | {r['mode']} | {r['B']} | {r['N']} | {r['D']} | {r['k']} | "
             f"{r['ms']:.1f} ({r['p20']:.1f}-{r['p80']:.1f}) | {r['tflops']:.3f} | {r['x_floor']:.1f} | {speed} | "
-            f"{r['recall']:.4f} | {r['max_rel_lid_err']:.1e} |"
+            f"{r['recall']:.4f} | {r['max_rel_lid_err']:.1e} | {r['peak_extra_mb']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -143,6 +179,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--modes", default="fwd,full")
     p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--memory", action="store_true", help="also measure peak extra memory of each forward")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -153,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     repeats = args.repeats or (5 if args.quick else 10)
     rows = []
     for b, n, d, k in shapes:
-        rows += run_shape(b, n, d, k, device, repeats, args.modes.split(","))
+        rows += run_shape(b, n, d, k, device, repeats, args.modes.split(","), args.memory)
     meta = dict(machine=machine_name(device), torch=torch.__version__, threads=torch.get_num_threads())
     print(f"# kNN-LID benchmark on {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads")
     print(to_markdown(rows))

@@ -13,6 +13,7 @@ only on (x, ref, idx, dist, grad), not on how the neighbours were found. A new b
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -27,19 +28,52 @@ __all__ = ["Backend", "register_backend", "resolve_backend", "available_backends
 
 
 # ---------------------------------------------------------------- shared backward op
+# ---------------------------------------------------------------- native extension
+def _load_native() -> str | None:
+    """Load ldreg_kernels._C (registers ldreg::knn_native / knn_backward_native); the reason if not."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as e:
+        return f"the C++ extension ldreg_kernels._C is not built ({e}); reinstall with pip install --no-build-isolation ."
+    built = int(torch.ops.ldreg.compiled_cuda_version())
+    if built and torch.version.cuda:
+        major, minor = (int(v) for v in torch.version.cuda.split(".")[:2])
+        if built // 1000 != major:
+            return (
+                f"ldreg_kernels._C was compiled for CUDA {built // 1000}.{built % 1000 // 10} but torch uses "
+                f"CUDA {major}.{minor}; rebuild the extension against this torch"
+            )
+    return None
+
+
+_NATIVE_ERROR = _load_native()
+# Device types whose kernels the extension has (CUDA only when it was built with nvcc).
+_NATIVE_DEVICES = () if _NATIVE_ERROR else (("cpu", "cuda") if int(torch.ops.ldreg.compiled_cuda_version()) else ("cpu",))
+
+
+# ---------------------------------------------------------------- shared backward op
 @torch.library.custom_op("ldreg::knn_backward", mutates_args=())
 def knn_backward(
     grad_dist: Tensor, x: Tensor, ref: Tensor, idx: Tensor, dist: Tensor, need_ref_grad: bool
 ) -> tuple[Tensor, Tensor]:
-    """(grad_x, grad_ref); grad_ref is an empty (0, D) tensor when not needed."""
-    gx, gref = torch_impl.knn_backward(grad_dist, x, ref, idx, dist, need_ref_grad)
+    """(grad_x, grad_ref); grad_ref is an empty (0, D) tensor when not needed.
+
+    Runs the native kernel where the extension has one for the device, else the Triton
+    kernel on CUDA, else torch_impl.
+    """
+    if x.device.type in _NATIVE_DEVICES:
+        return torch.ops.ldreg.knn_backward_native(grad_dist, x, ref, idx, dist, need_ref_grad)
+    impl = torch_impl.knn_backward
+    if x.device.type == "cuda" and _TRITON_ERROR is None:
+        from .triton import knn_backward as impl
+    gx, gref = impl(grad_dist, x, ref, idx, dist, need_ref_grad)
     if gref is None:
         gref = ref.new_empty((0, ref.shape[1]))
     return gx, gref
 
 
 @knn_backward.register_fake
-def _(grad_dist, x, ref, idx, dist, need_ref_grad):
+def _fake_backward(grad_dist, x, ref, idx, dist, need_ref_grad):
     torch._check(idx.shape == dist.shape and idx.shape == grad_dist.shape)
     torch._check(idx.shape[0] == x.shape[0])
     gref = torch.empty_like(ref) if need_ref_grad else ref.new_empty((0, ref.shape[1]))
@@ -86,6 +120,17 @@ def define_knn_op(name: str, impl: Callable[..., tuple[Tensor, Tensor]], device_
 knn_torch = define_knn_op("torch", torch_impl.knn_forward)
 
 
+def _native_knn(x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool):
+    return torch.ops.ldreg.knn_native(x, ref, k, self_offset, exclude_self)
+
+
+knn_cpu = define_knn_op("cpu", _native_knn, device_types="cpu")
+knn_cuda = define_knn_op("cuda", _native_knn, device_types="cuda")
+if _NATIVE_ERROR is None:  # fake kernels let opcheck and FakeTensor mode see the raw native ops too
+    torch.library.register_fake("ldreg::knn_native")(_fake_knn)
+    torch.library.register_fake("ldreg::knn_backward_native")(_fake_backward)
+
+
 def _reference_knn(x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool):
     """The oracle's cdist + sort as a backend; distances in the compute dtype."""
     ct = torch_impl.compute_dtype(x.dtype)
@@ -126,6 +171,45 @@ def register_backend(backend: Backend) -> None:
 
 register_backend(Backend("reference", ("cpu", "cuda", "mps", "xpu"), lambda: torch.ops.ldreg.knn_reference))
 register_backend(Backend("torch", ("cpu", "cuda", "mps", "xpu"), lambda: torch.ops.ldreg.knn_torch))
+
+
+def _import_triton_backend() -> str | None:
+    """Import the Triton backend now (it defines ldreg::knn_triton); the reason if it fails."""
+    try:
+        from . import triton as _triton  # noqa: F401
+    except Exception as e:  # triton missing, or too old: the other backends still work
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+_TRITON_ERROR = _import_triton_backend()
+
+
+def _load_triton():
+    if _TRITON_ERROR is not None:
+        raise ImportError(_TRITON_ERROR)
+    return torch.ops.ldreg.knn_triton
+
+
+def _native_loader(name: str):
+    def load():
+        if _NATIVE_ERROR is not None:
+            raise ImportError(_NATIVE_ERROR)
+        if name not in _NATIVE_DEVICES:
+            raise RuntimeError("ldreg_kernels._C was built without CUDA kernels (CPU-only torch or LDREG_NO_CUDA=1)")
+        return getattr(torch.ops.ldreg, f"knn_{name}")
+
+    return load
+
+
+register_backend(Backend("cpu", ("cpu",), _native_loader("cpu")))
+register_backend(Backend("cuda", ("cuda",), _native_loader("cuda")))
+
+
+# Under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors (slow: tests only).
+register_backend(
+    Backend("triton", ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",), _load_triton)
+)
 
 
 def _try_load(backend: Backend):

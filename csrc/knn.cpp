@@ -1,0 +1,101 @@
+// Op schemas of the native kNN kernels and the device-independent pieces they share.
+// Device kernels register under TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/.
+#include "knn.h"
+
+#include <torch/library.h>
+
+#ifdef LDREG_WITH_PYTHON
+#include <Python.h>
+#endif
+
+#include <algorithm>
+#include <limits>
+
+namespace ldreg {
+
+void check_knn_args(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t self_offset,
+                    bool exclude_self) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (rows, features), got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(ref.dim() == 2, "ref must be 2-D (rows, features), got ", ref.dim(), "-D");
+  TORCH_CHECK_VALUE(x.size(0) > 0 && x.size(1) > 0, "x is empty: shape ", x.sizes());
+  TORCH_CHECK_VALUE(ref.size(0) > 0, "ref is empty: shape ", ref.sizes());
+  TORCH_CHECK_VALUE(x.size(1) == ref.size(1), "x and ref must have the same feature dimension: x has D=",
+                    x.size(1), ", ref has D=", ref.size(1));
+  TORCH_CHECK_TYPE(x.is_floating_point(), "x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(x.scalar_type() == ref.scalar_type(), "x and ref must have the same dtype: x is ",
+                   x.scalar_type(), ", ref is ", ref.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == ref.device(), "x and ref must be on the same device: x on ",
+                    x.device(), ", ref on ", ref.device());
+  const int64_t n = ref.size(0);
+  TORCH_CHECK_VALUE(n < std::numeric_limits<int32_t>::max(), "ref has ", n,
+                    " rows; at most 2^31 - 2 are supported");
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got k=", k);
+  if (exclude_self) {
+    TORCH_CHECK_VALUE(self_offset >= 0 && self_offset + x.size(0) <= n, "self_offset=", self_offset,
+                      " puts the ", x.size(0), " queries outside ref's ", n, " rows");
+    TORCH_CHECK_VALUE(k <= n - 1, "k=", k, " exceeds the N - 1 = ", n - 1,
+                      " reference rows left after excluding self");
+  } else {
+    TORCH_CHECK_VALUE(k <= n, "k=", k, " exceeds the N = ", n, " reference rows");
+  }
+}
+
+void check_backward_args(const at::Tensor& grad_dist, const at::Tensor& x, const at::Tensor& ref,
+                         const at::Tensor& idx, const at::Tensor& dist) {
+  TORCH_CHECK_VALUE(idx.dim() == 2 && idx.sizes() == dist.sizes() && idx.sizes() == grad_dist.sizes(),
+                    "idx, dist and grad_dist must share one (B, k) shape");
+  TORCH_CHECK_VALUE(idx.size(0) == x.size(0), "idx has ", idx.size(0), " rows, x has ", x.size(0));
+  TORCH_CHECK_VALUE(x.dim() == 2 && ref.dim() == 2 && x.size(1) == ref.size(1), "x and ref must be (B, D) and (N, D)");
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "idx must be int64");
+  TORCH_CHECK_TYPE(dist.scalar_type() == at::kFloat || dist.scalar_type() == at::kDouble,
+                   "dist must be float32 or float64");
+}
+
+void redo_exhaustive(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& rows,
+                     int64_t k, int64_t self_offset, bool exclude_self, at::Tensor& dist,
+                     at::Tensor& idx) {
+  const int64_t r = rows.numel(), n = ref.size(0);
+  if (r == 0) return;
+  const auto ct = dist.scalar_type();
+  const at::Tensor refc = ref.to(ct);
+  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(r, (int64_t{1} << 22) / n));
+  for (int64_t s = 0; s < r; s += step) {
+    const at::Tensor rc = rows.narrow(0, s, std::min(step, r - s));
+    at::Tensor d = at::cdist(x.index_select(0, rc).to(ct), refc, 2.0, /*donot_use_mm*/ 2);
+    if (exclude_self) {
+      d.scatter_(1, (rc + self_offset).unsqueeze(1), std::numeric_limits<double>::infinity());
+    }
+    auto sorted = at::sort(d, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+    dist.index_copy_(0, rc, std::get<0>(sorted).narrow(1, 0, k));
+    idx.index_copy_(0, rc, std::get<1>(sorted).narrow(1, 0, k));
+  }
+}
+
+// CUDA_VERSION the extension was compiled against (0 for a CPU-only build), so Python can
+// refuse a CUDA-version mismatch with a clear message instead of a cryptic launch error.
+int64_t compiled_cuda_version() {
+#ifdef LDREG_WITH_CUDA
+  return cudart_version_compiled();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace ldreg
+
+TORCH_LIBRARY_FRAGMENT(ldreg, m) {
+  m.def("knn_native(Tensor x, Tensor ref, int k, int self_offset, bool exclude_self) -> (Tensor, Tensor)");
+  m.def(
+      "knn_backward_native(Tensor grad_dist, Tensor x, Tensor ref, Tensor idx, Tensor dist, "
+      "bool need_ref_grad) -> (Tensor, Tensor)");
+  m.def("compiled_cuda_version() -> int", &ldreg::compiled_cuda_version);
+}
+
+#ifdef LDREG_WITH_PYTHON
+// An empty Python module: importing ldreg_kernels._C loads the library, whose static
+// initialisers register the ops above (no pybind11 needed).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif
