@@ -92,7 +92,7 @@ def peak_extra_mb(provider: str, b: int, n: int, d: int, k: int, device: torch.d
     """Peak memory one forward call adds on top of its inputs, in MiB.
 
     GPU: torch.cuda.max_memory_allocated. CPU: the torch CPU allocator keeps no statistics,
-    so a fresh process measures the growth of its peak RSS (ru_maxrss) across one call.
+    so a fresh process measures the growth of its peak RSS (VmHWM) across one call.
     """
     if device.type == "cuda":
         x, ref = make_inputs(b, n, d, device)
@@ -102,11 +102,13 @@ def peak_extra_mb(provider: str, b: int, n: int, d: int, k: int, device: torch.d
         providers(device)[provider](x, ref, k)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # VmHWM (peak RSS of this address space), not ru_maxrss: ru_maxrss survives exec, so a
+    # child of a big parent would start at the parent's peak.
     code = (
-        "import resource, sys, torch; sys.path.insert(0, {root!r}); from benchmarks import bench_knn as B; "
+        "import sys, torch; sys.path.insert(0, {root!r}); from benchmarks import bench_knn as B; "
+        "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]); "
         "x, ref = B.make_inputs({b}, {n}, {d}, torch.device('cpu')); f = B.providers(torch.device('cpu'))[{p!r}]; "
-        "f(x[:2], ref[:64], 2); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; f(x, ref, {k}); "
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+        "f(x[:2], ref[:64], 2); base = hwm(); f(x, ref, {k}); print((hwm() - base) / 1024)"
     ).format(root=os.path.join(os.path.dirname(__file__), ".."), b=b, n=n, d=d, k=k, p=provider)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:

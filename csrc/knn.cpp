@@ -40,6 +40,15 @@ void check_knn_args(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64
   }
 }
 
+std::tuple<at::Tensor, at::Tensor> empty_knn_outputs(const at::Tensor& x, int64_t k) {
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {at::empty({x.size(0), k}, x.options().dtype(ct)), at::empty({x.size(0), k}, x.options().dtype(at::kLong))};
+}
+
+at::Tensor backward_coef(const at::Tensor& grad_dist, const at::Tensor& dist) {
+  return at::where(dist > 0, grad_dist.to(dist.scalar_type()) / dist, at::zeros({}, dist.options())).contiguous();
+}
+
 void check_backward_args(const at::Tensor& grad_dist, const at::Tensor& x, const at::Tensor& ref,
                          const at::Tensor& idx, const at::Tensor& dist) {
   TORCH_CHECK_VALUE(idx.dim() == 2 && idx.sizes() == dist.sizes() && idx.sizes() == grad_dist.sizes(),

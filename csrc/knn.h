@@ -24,6 +24,14 @@ inline int64_t default_margin(int64_t k) { return k / 4 > 8 ? k / 4 : 8; }
 void check_knn_args(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t self_offset,
                     bool exclude_self);
 
+// Empty forward outputs: dist (B, k) in the compute dtype (double for double x, else float,
+// so half/bf16 inputs get float distances) and idx (B, k) int64.
+std::tuple<at::Tensor, at::Tensor> empty_knn_outputs(const at::Tensor& x, int64_t k);
+
+// Backward coefficients g_ij / r_ij in dist's dtype; 0 where r_ij == 0 (the subgradient
+// torch.cdist uses: a coincident neighbour has no direction).
+at::Tensor backward_coef(const at::Tensor& grad_dist, const at::Tensor& dist);
+
 void check_backward_args(const at::Tensor& grad_dist, const at::Tensor& x, const at::Tensor& ref,
                          const at::Tensor& idx, const at::Tensor& dist);
 

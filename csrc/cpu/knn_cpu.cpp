@@ -235,7 +235,7 @@ void backward_cpu_impl(const at::Tensor& grad_dist, const at::Tensor& x, const a
                        const at::Tensor& idx, const at::Tensor& dist, at::Tensor& gx,
                        at::Tensor* gref) {
   const int64_t b = x.size(0), k = idx.size(1), dim = x.size(1);
-  const at::Tensor coef_t = at::where(dist > 0, grad_dist.to(dist.scalar_type()) / dist, at::zeros({}, dist.options()));
+  const at::Tensor coef_t = backward_coef(grad_dist, dist);
   const acc_t* coef = coef_t.data_ptr<acc_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* rp = ref.data_ptr<scalar_t>();
@@ -279,9 +279,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_, const at::Tenso
   check_knn_args(x_, ref_, k, self_offset, exclude_self);
   TORCH_CHECK_VALUE(x_.is_cpu(), "knn_cpu needs CPU tensors, got ", x_.device());
   const at::Tensor x = x_.contiguous(), ref = ref_.contiguous();
-  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dist = at::empty({x.size(0), k}, x.options().dtype(ct));
-  at::Tensor idx = at::empty({x.size(0), k}, x.options().dtype(at::kLong));
+  at::Tensor dist, idx;
+  std::tie(dist, idx) = empty_knn_outputs(x, k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     knn_cpu_impl<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, dist, idx);

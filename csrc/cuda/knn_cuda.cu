@@ -413,9 +413,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x_, const at::Tens
                     "; use backend='torch' for larger k");
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), ref = ref_.contiguous();
-  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dist = at::empty({x.size(0), k}, x.options().dtype(ct));
-  at::Tensor idx = at::empty({x.size(0), k}, x.options().dtype(at::kLong));
+  at::Tensor dist, idx;
+  std::tie(dist, idx) = empty_knn_outputs(x, k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     knn_cuda_impl<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, dist, idx);
@@ -439,9 +438,7 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cuda(const at::Tensor& grad_dist
   const at::Tensor x = x_.contiguous(), ref = ref_.contiguous(), idx = idx_.contiguous();
   const at::Tensor dist = dist_.contiguous();
   const int64_t b = x.size(0), dim = x.size(1), k = idx.size(1), n = ref.size(0);
-  const at::Tensor coef =
-      at::where(dist > 0, grad_dist.to(dist.scalar_type()) / dist, at::zeros({}, dist.options()))
-          .contiguous();
+  const at::Tensor coef = backward_coef(grad_dist, dist);
   at::Tensor gx = at::zeros(x.sizes(), x.options().dtype(dist.scalar_type()));
   at::Tensor gref = need_ref_grad ? at::zeros(ref.sizes(), gx.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_backward_cuda", [&] {
