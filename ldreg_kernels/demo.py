@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         dt = time.perf_counter() - t
         err = max(abs(gm[e] - oracle[e]) / oracle[e] for e in gm)
         print(f"{backend:<10} {gm['mle']:>11.4f} {gm['mom']:>11.4f} {err:>15.2e} "
-              f"{float(loss):>10.5f} {float(xr.grad.norm()):>10.3e} {dt:>6.2f}")
+              f"{loss.item():>10.5f} {xr.grad.norm().item():>10.3e} {dt:>6.2f}")
 
 
 if __name__ == "__main__":

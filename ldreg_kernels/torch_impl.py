@@ -92,12 +92,19 @@ def knn_forward(
     if n_cand < n - int(exclude_self):
         # A row outside the candidates has approx. squared distance >= bound; its exact one
         # is >= bound - err. Rows where that could reach the k-th distance are redone.
-        err = 8 * torch.finfo(ct).eps * (sq_x + sq_ref.max()) * x.shape[1] ** 0.5
+        err = 8 * _matmul_roundoff(x, ct) * (sq_x + sq_ref.max()) * x.shape[1] ** 0.5
         redo = torch.nonzero(dist[:, -1].to(ct) ** 2 >= bound - err).flatten()
         if redo.numel():
             d2, i2 = _exhaustive(x[redo], ref, k, redo + self_offset if exclude_self else None)
             dist[redo], idx[redo] = d2.to(dist.dtype), i2
     return dist, idx
+
+
+def _matmul_roundoff(x: Tensor, ct: torch.dtype) -> float:
+    """Unit roundoff of the selection matmul: TF32 (10-bit mantissa) if the user enabled it."""
+    if x.is_cuda and ct == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-10
+    return torch.finfo(ct).eps
 
 
 def _exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -151,3 +151,13 @@ def test_oracle_against_brute_force_loops():
     assert reference.lid_mle(r).tolist() == pytest.approx(
         [-4 / sum(float(torch.log(r[i, j] / r[i, 3])) for j in range(4)) for i in range(12)], rel=1e-12
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on CUDA")
+def test_torch_backend_exact_with_tf32_enabled(monkeypatch):
+    """With TF32 matmuls the selection is coarse; the redo bound must widen to stay exact."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    g = generator("tf32")
+    x = features(1500, 512, g, torch.float32, "manifold")
+    dist, idx = L.knn(x.cuda(), k=32, backend="torch")
+    assert assert_knn_matches(dist.cpu(), idx.cpu(), x, x, 32) > 0.9
