@@ -49,6 +49,18 @@ at::Tensor backward_coef(const at::Tensor& grad_dist, const at::Tensor& dist) {
   return at::where(dist > 0, grad_dist.to(dist.scalar_type()) / dist, at::zeros({}, dist.options())).contiguous();
 }
 
+std::tuple<at::Tensor, at::Tensor> zero_grad_buffers(const at::Tensor& x, const at::Tensor& ref,
+                                                     const at::Tensor& dist, bool need_ref_grad) {
+  at::Tensor gx = at::zeros(x.sizes(), x.options().dtype(dist.scalar_type()));
+  return {gx, need_ref_grad ? at::zeros(ref.sizes(), gx.options()) : at::Tensor()};
+}
+
+std::tuple<at::Tensor, at::Tensor> finish_grads(const at::Tensor& gx, const at::Tensor& gref,
+                                                const at::Tensor& x, const at::Tensor& ref) {
+  if (!gref.defined()) return {gx.to(x.scalar_type()), at::empty({0, ref.size(1)}, ref.options())};
+  return {gx.to(x.scalar_type()), gref.to(ref.scalar_type())};
+}
+
 void check_backward_args(const at::Tensor& grad_dist, const at::Tensor& x, const at::Tensor& ref,
                          const at::Tensor& idx, const at::Tensor& dist) {
   TORCH_CHECK_VALUE(idx.dim() == 2 && idx.sizes() == dist.sizes() && idx.sizes() == grad_dist.sizes(),

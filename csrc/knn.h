@@ -32,6 +32,16 @@ std::tuple<at::Tensor, at::Tensor> empty_knn_outputs(const at::Tensor& x, int64_
 // torch.cdist uses: a coincident neighbour has no direction).
 at::Tensor backward_coef(const at::Tensor& grad_dist, const at::Tensor& dist);
 
+// Zeroed gradient accumulators in dist's dtype: grad_x (B, D), and grad_ref (N, D) when
+// need_ref_grad (else undefined).
+std::tuple<at::Tensor, at::Tensor> zero_grad_buffers(const at::Tensor& x, const at::Tensor& ref,
+                                                     const at::Tensor& dist, bool need_ref_grad);
+
+// The backward op's outputs: the accumulators cast to x's / ref's dtype; an empty (0, D)
+// grad_ref when it was not needed.
+std::tuple<at::Tensor, at::Tensor> finish_grads(const at::Tensor& gx, const at::Tensor& gref,
+                                                const at::Tensor& x, const at::Tensor& ref);
+
 void check_backward_args(const at::Tensor& grad_dist, const at::Tensor& x, const at::Tensor& ref,
                          const at::Tensor& idx, const at::Tensor& dist);
 

@@ -297,16 +297,15 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cpu(const at::Tensor& grad_dist,
   check_backward_args(grad_dist, x_, ref_, idx_, dist_);
   const at::Tensor x = x_.contiguous(), ref = ref_.contiguous(), idx = idx_.contiguous();
   const at::Tensor dist = dist_.contiguous();
-  at::Tensor gx = at::zeros(x.sizes(), x.options().dtype(dist.scalar_type()));
-  at::Tensor gref = need_ref_grad ? at::zeros(ref.sizes(), gx.options()) : at::Tensor();
+  at::Tensor gx, gref;
+  std::tie(gx, gref) = zero_grad_buffers(x, ref, dist, need_ref_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     TORCH_CHECK_TYPE(dist.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
                      "dist must be float64 for float64 x, else float32");
     backward_cpu_impl<scalar_t, acc_t>(grad_dist, x, ref, idx, dist, gx, need_ref_grad ? &gref : nullptr);
   });
-  if (!need_ref_grad) return {gx.to(x.scalar_type()), at::empty({0, ref.size(1)}, ref.options())};
-  return {gx.to(x.scalar_type()), gref.to(ref.scalar_type())};
+  return finish_grads(gx, gref, x, ref);
 }
 
 }  // namespace ldreg

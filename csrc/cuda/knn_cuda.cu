@@ -439,8 +439,8 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cuda(const at::Tensor& grad_dist
   const at::Tensor dist = dist_.contiguous();
   const int64_t b = x.size(0), dim = x.size(1), k = idx.size(1), n = ref.size(0);
   const at::Tensor coef = backward_coef(grad_dist, dist);
-  at::Tensor gx = at::zeros(x.sizes(), x.options().dtype(dist.scalar_type()));
-  at::Tensor gref = need_ref_grad ? at::zeros(ref.sizes(), gx.options()) : at::Tensor();
+  at::Tensor gx, gref;
+  std::tie(gx, gref) = zero_grad_buffers(x, ref, dist, need_ref_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_backward_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     TORCH_CHECK_TYPE(dist.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
@@ -455,8 +455,7 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cuda(const at::Tensor& grad_dist
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  if (!need_ref_grad) return {gx.to(x.scalar_type()), at::empty({0, ref.size(1)}, ref.options())};
-  return {gx.to(x.scalar_type()), gref.to(ref.scalar_type())};
+  return finish_grads(gx, gref, x, ref);
 }
 
 }  // namespace ldreg
