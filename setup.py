@@ -67,29 +67,28 @@ def _ext_modules():
         extra_link_args=["-fopenmp"],
     )
     print(f"ldreg-kernels: building ldreg_kernels._C ({'CPU + CUDA' if with_cuda else 'CPU only'})", file=sys.stderr)
-    return [ext], {"build_ext": _SafeBuildExt.wrap(ce.BuildExtension)}
+    return [ext], {"build_ext": _safe_build_ext(ce.BuildExtension)}
 
 
-class _SafeBuildExt:
-    """BuildExtension that reports a missing/failed compiler clearly and keeps the install going."""
+def _safe_build_ext(base):
+    """``base`` (torch's BuildExtension, with ninja) that reports a missing or failing
+    compiler clearly and lets the install go on with the pure-Python backends."""
 
-    @staticmethod
-    def wrap(base):
-        class Build(base):
-            def run(self):
-                try:
-                    super().run()
-                except Exception as e:  # compiler missing or failed: install pure-Python backends
-                    if _flag("LDREG_REQUIRE_EXT"):
-                        raise
-                    print(
-                        "\nldreg-kernels: the native extension could not be built "
-                        f"({type(e).__name__}: {e}).\nThe 'reference', 'torch' and 'triton' backends still "
-                        "work; set LDREG_REQUIRE_EXT=1 to make this an error.\n",
-                        file=sys.stderr,
-                    )
+    class Build(base):
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:
+                if _flag("LDREG_REQUIRE_EXT"):
+                    raise
+                print(
+                    "\nldreg-kernels: the native extension could not be built "
+                    f"({type(e).__name__}: {e}).\nThe 'reference', 'torch' and 'triton' backends still "
+                    "work; set LDREG_REQUIRE_EXT=1 to make this an error.\n",
+                    file=sys.stderr,
+                )
 
-        return Build.with_options(use_ninja=True) if hasattr(Build, "with_options") else Build
+    return Build.with_options(use_ninja=True)
 
 
 ext_modules, cmdclass = _ext_modules()

@@ -27,7 +27,6 @@ from ._validate import check_finite
 __all__ = ["Backend", "register_backend", "resolve_backend", "available_backends", "BACKENDS"]
 
 
-# ---------------------------------------------------------------- shared backward op
 # ---------------------------------------------------------------- native extension
 def _load_native() -> str | None:
     """Load ldreg_kernels._C (registers ldreg::knn_native / knn_backward_native); the reason if not."""

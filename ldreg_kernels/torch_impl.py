@@ -56,6 +56,19 @@ def rerank(x: Tensor, ref: Tensor, cand: Tensor, k: int) -> tuple[Tensor, Tensor
     return d[:, :k].contiguous(), torch.gather(cand, 1, order[:, :k])
 
 
+def centred(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x - mu, ref - mu, |x - mu|^2, |ref - mu|^2) in the compute dtype, mu = ref's mean.
+
+    Distances are translation invariant: centring on the reference mean shrinks |x|^2 and
+    |r|^2, and with them the cancellation in |x|^2 + |r|^2 - 2 x.r. Half inputs are
+    selected in fp32 (fp16 |r|^2 overflows at |r| ~ 256).
+    """
+    ct = compute_dtype(x.dtype)
+    mu = ref.to(ct).mean(dim=0)
+    xs, rs = x.to(ct) - mu, ref.to(ct) - mu
+    return xs, rs, (xs * xs).sum(dim=1), (rs * rs).sum(dim=1)
+
+
 def knn_forward(
     x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool, margin: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -69,13 +82,7 @@ def knn_forward(
     b, n = x.shape[0], ref.shape[0]
     n_cand = min(k + (default_margin(k) if margin is None else margin), n - int(exclude_self))
     ct = compute_dtype(x.dtype)
-    # Distances are translation invariant: centring on the reference mean shrinks |x|^2 and
-    # |r|^2, and with them the cancellation in |x|^2 + |r|^2 - 2 x.r. Half inputs are
-    # selected in fp32 (fp16 |r|^2 overflows at |r| ~ 256).
-    mu = ref.to(ct).mean(dim=0)
-    xs, rs = x.to(ct) - mu, ref.to(ct) - mu
-    sq_ref = (rs * rs).sum(dim=1)
-    sq_x = (xs * xs).sum(dim=1)
+    xs, rs, sq_x, sq_ref = centred(x, ref)
     cand = torch.empty((b, n_cand), dtype=torch.int64, device=x.device)
     bound = torch.empty(b, dtype=ct, device=x.device)  # approx. squared distance of the last candidate
     step = row_chunk(b, n, _SCORE_ELEMS)

@@ -265,15 +265,10 @@ def knn_forward(
     if kp > MAX_KP:
         # Large k: the register-resident buffer would spill badly; use the chunked torch path.
         return torch_impl.knn_forward(x, ref, k, self_offset, exclude_self, margin)
-    ct = torch_impl.compute_dtype(x.dtype)
-    mu = ref.to(ct).mean(dim=0)
-    xs, rs = x.to(ct) - mu, ref.to(ct) - mu
-    sq_x = (xs * xs).sum(dim=1)
-    sq_ref = (rs * rs).sum(dim=1)
+    xs, rs, sq_x, sq_ref = torch_impl.centred(x, ref)
     own = torch.arange(b, device=x.device) + self_offset if exclude_self else None
     rows = torch.arange(b, device=x.device)
-    dist, idx = _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, kp, n_valid, precision)
-    return dist, idx
+    return _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, kp, n_valid, precision)
 
 
 def _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, kp, n_valid, precision):
