@@ -42,8 +42,11 @@ ctest: $(STAMP)
 	cmake --build build/cmake -j2
 	ctest --test-dir build/cmake --output-on-failure
 
+# The peers (FAISS, KeOps) are only needed here, not by the tests.
+BENCH_DEPS := faiss-cpu pykeops
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_knn.py
+	$(BIN)/pip install -q $(BENCH_DEPS)
+	$(BIN)/python -m benchmarks.run --sweep cpu
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info ldreg_kernels/_C*.so
