@@ -27,8 +27,7 @@ def _lid_kernel(DIST, OUT, EPS, B, K, MLE: tl.constexpr, BLOCK_M: tl.constexpr, 
     zero = tl.zeros_like(d)
     w = tl.sum(tl.where(cols[None, :] == K - 1, d, zero), axis=1)
     if MLE:
-        lw = tl.log(tl.maximum(w, eps))
-        lr = tl.log(tl.maximum(d, eps)) - lw[:, None]
+        lr = tl.log(tl.maximum(d, eps) / tl.maximum(w, eps)[:, None])  # ratio first: scale-invariant error
         s = -tl.sum(tl.where(cmask[None, :], lr, zero), axis=1)
         lid = K / tl.maximum(s, eps)
     else:

@@ -1,0 +1,268 @@
+"""Property-based fuzzing (hypothesis) of every backend against the float64 oracle.
+
+Each example draws B, N, D, k, a dtype, a data kind (Gaussian, low-dimensional manifold,
+integer lattice with exact ties, tight clusters of near-duplicates), a scale 1e-6..1e6, a
+common translation, duplicated rows, a memory layout for x and ref (contiguous,
+transposed, strided) and a reference mode (the batch itself; a separate ref holding the
+queries at ``self_offset``, with exclude_self True or False; a bank without the queries).
+Checked, per example:
+- distances match the float64 oracle to float32 accuracy (relative to the k-th distance)
+  and are the exact distances of the returned indices; the own row is never returned;
+- index sets equal the oracle's wherever the float64 gap between the k-th and (k+1)-th
+  distance exceeds float32 rounding, and exactly (ties to the lower index) on lattice data,
+  where every distance is exact in float32;
+- LID (both estimators) matches the eps-guarded formula on the oracle's distances to the
+  condition-scaled float32 tolerance of ``utils.lid_rtol``;
+- the backward matches ``sum_j g_ij (x_i - ref_j) / r_ij`` over the returned neighbours.
+
+Profiles (env LDREG_FUZZ_PROFILE): "ci" (default; bounded, ~1 minute on 2 cores) and "long"
+(20x the examples). Examples are drawn from the session seed (LDREG_TEST_SEED, printed in
+the pytest header), like the rest of the suite: fresh each run, reproducible on demand; a
+failure also prints hypothesis' @reproduce_failure blob. The example counts are written to
+the terminal at the end of the module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections import defaultdict
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, example, given, seed, settings
+from hypothesis import strategies as st
+
+import ldreg_kernels as L
+from ldreg_kernels import reference
+from ldreg_kernels.estimators import lid_from_distances
+from utils import SESSION_SEED, assert_knn_matches, lid_rtol, oracle
+
+PROFILE = os.environ.get("LDREG_FUZZ_PROFILE", "ci")
+# Examples per backend: (fast backends, the Triton interpreter).
+EXAMPLES = {"ci": (250, 50), "long": (5000, 1000)}
+if PROFILE not in EXAMPLES:
+    raise ValueError(f"LDREG_FUZZ_PROFILE must be one of {sorted(EXAMPLES)}, got {PROFILE!r}")
+for _name in EXAMPLES:
+    settings.register_profile(
+        f"ldreg-fuzz-{_name}", deadline=None, database=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = L.available_backends(DEV)
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+EPS = 1e-12
+STATS: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_counts(request):
+    yield
+    lines = [f"fuzz profile {PROFILE!r} (seed {SESSION_SEED}):"]
+    for b, s in STATS.items():
+        lines.append(
+            f"  {b}: {int(s['examples'])} examples, {int(s['rows'])} query rows, index sets checked on "
+            f"{s['checked'] / max(s['rows'], 1):.0%} of rows ({int(s['lattice'])} lattice examples checked exactly)"
+        )
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capman is not None:  # teardown output is captured: write past it
+        with capman.global_and_fixture_disabled():
+            tr.write_line("\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------- example generation
+@st.composite
+def cases(draw, small: bool) -> dict:
+    dtype = draw(st.sampled_from(DTYPES))
+    mode = draw(st.sampled_from(["self", "offset", "offset_keep", "bank"]))
+    kind = draw(st.sampled_from(["gauss", "manifold", "lattice", "clusters"]))
+    b = draw(st.integers(1 if mode == "bank" else 2, 24 if small else 90))
+    big = st.integers(0, 150 if small else 700)
+    extra = draw(st.one_of(st.integers(0, 12), big)) if mode != "self" else 0
+    if mode == "bank":
+        extra = max(extra, 1)
+    n = b + extra if mode != "bank" else extra
+    d = draw(st.one_of(st.integers(1, 8), st.integers(1, 24 if small else 80)))
+    excluded = int(mode in ("self", "offset"))
+    k = draw(st.integers(1, n - excluded))
+    # Half precision: keep every value in float16's range (fp16 max 65504).
+    lo, hi = (-3, 2) if dtype == torch.float16 else (-6, 6)
+    scale_exp = draw(st.integers(lo, hi))
+    shift = draw(st.sampled_from([0.0, 0.0, 0.0, 1e2] + ([] if dtype == torch.float16 else [1e4])))
+    return dict(
+        dtype=dtype, mode=mode, kind=kind, b=b, n=n, d=d, k=k, scale_exp=scale_exp, shift=shift,
+        offset=draw(st.integers(0, n - b)) if mode in ("offset", "offset_keep") else 0,
+        dup=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])),
+        bank_has_queries=mode == "bank" and draw(st.booleans()),
+        x_layout=draw(st.sampled_from(["contig", "transposed", "strided"])),
+        ref_layout=draw(st.sampled_from(["contig", "transposed", "strided"])),
+        ref_grad=mode != "self" and draw(st.booleans()),
+        estimator=draw(st.sampled_from(["mom", "mle"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _values(kind: str, rows: int, d: int, g: torch.Generator) -> torch.Tensor:
+    """Unscaled float64 values of one kind (lattice values are small integers)."""
+    if kind == "lattice":
+        return torch.randint(-2, 3, (rows, d), generator=g).double()
+    if kind == "manifold":
+        z = torch.randn(rows, max(1, d // 3), generator=g, dtype=torch.float64)
+        a = torch.randn(z.shape[1], d, generator=g, dtype=torch.float64)
+        return torch.tanh(z @ a) + 0.05 * torch.randn(rows, d, generator=g, dtype=torch.float64)
+    if kind == "clusters":  # near-duplicates: within-cluster distances far below the norms
+        centres = torch.randn(3, d, generator=g, dtype=torch.float64)
+        noise = 10.0 ** -float(torch.randint(2, 7, (), generator=g))
+        pick = torch.randint(0, 3, (rows,), generator=g)
+        return centres[pick] + noise * torch.randn(rows, d, generator=g, dtype=torch.float64)
+    return torch.randn(rows, d, generator=g, dtype=torch.float64)
+
+
+def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values in another memory layout (column-major, or every other column)."""
+    if how == "transposed":
+        return t.t().contiguous().t()
+    if how == "strided":
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+        wide[:, ::2] = t
+        return wide[:, ::2]
+    return t
+
+
+def build(c: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool, int]:
+    """(x, ref or None, ref values, exclude_self, self_offset) on DEV, in the case's dtype."""
+    g = torch.Generator().manual_seed(c["seed"])
+    b, d = c["b"], c["d"]
+    pool = _values(c["kind"], max(c["n"], b) + b, d, g)
+    if c["dup"]:  # copy random rows over others: exact duplicates, distance 0 at other indices
+        m = max(1, int(c["dup"] * pool.shape[0]))
+        dst, src = (torch.randint(0, pool.shape[0], (m,), generator=g) for _ in range(2))
+        pool[dst] = pool[src]
+    # Lattice data: a power-of-two scale keeps every distance exact (ties stay ties).
+    scale = 2.0 ** round(c["scale_exp"] * math.log2(10)) if c["kind"] == "lattice" else 10.0 ** c["scale_exp"]
+    pool = (pool + c["shift"]) * scale
+    if c["mode"] == "bank":
+        ref_v, x_v = pool[: c["n"]], pool[c["n"] : c["n"] + b].clone()
+        if c["bank_has_queries"]:  # a query's exact copy in the bank: a neighbour at distance 0
+            ref_v[torch.randint(0, c["n"], (1,), generator=g)] = x_v[0]
+    else:
+        ref_v = pool[: c["n"]]
+        x_v = ref_v[c["offset"] : c["offset"] + b].clone()
+    ref_v, x_v = ref_v.to(c["dtype"]), x_v.to(c["dtype"])
+    assume(bool(torch.isfinite(ref_v.float()).all()))
+    x = _layout(x_v.to(DEV), c["x_layout"]).requires_grad_()
+    ref = None if c["mode"] == "self" else _layout(ref_v.to(DEV), c["ref_layout"]).requires_grad_(c["ref_grad"])
+    return x, ref, ref_v, c["mode"] in ("self", "offset"), c["offset"]
+
+
+# ---------------------------------------------------------------- the property
+GRAD_ATOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def check_case(backend: str, c: dict) -> None:
+    x, ref, ref_v, excl, off = build(c)
+    k, dtype = c["k"], c["dtype"]
+    dist, idx = L.knn(x, ref, k, exclude_self=excl, self_offset=off, backend=backend)
+    assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    x64, r64 = x.detach().cpu().double(), ref_v.double()
+    dist_c, idx_c = dist.detach().cpu(), idx.cpu()
+    checked = assert_knn_matches(dist_c, idx_c, x.detach().cpu(), ref_v, k, excl, off)
+    d64, i64 = oracle(x64, r64, k, excl, off)
+    if c["kind"] == "lattice":  # exact distances: the order, ties to the lower index, is exact too
+        assert torch.equal(idx_c, i64[:, :k]), "lattice (exact ties): indices differ from the oracle's"
+        STATS[backend]["lattice"] += 1
+    STATS[backend]["examples"] += 1
+    STATS[backend]["rows"] += x.shape[0]
+    STATS[backend]["checked"] += checked * x.shape[0]
+
+    # Backward through the returned neighbours, against the formula in float64.
+    gout = torch.randn(dist.shape, generator=torch.Generator().manual_seed(c["seed"] + 1), dtype=torch.float64)
+    dist.backward(gout.to(dist.dtype).to(dist.device))
+    diff = x64.unsqueeze(1) - r64[idx_c]
+    r = torch.linalg.vector_norm(diff, dim=2)
+    coef = torch.where(r > 0, gout / r, torch.zeros(()))
+    want_gx = (coef.unsqueeze(2) * diff).sum(1)
+    tol = GRAD_ATOL[dtype] * (1 + gout.abs().sum(1, keepdim=True))
+    err = (x.grad.cpu().double() - want_gx).abs()
+    assert (err <= tol).all(), f"grad x: worst row {int(err.max(1).values.argmax())}, err {err.max():.3e}"
+    if ref is not None and ref.requires_grad:
+        want_gr = torch.zeros_like(r64).index_add_(0, idx_c.flatten(), -(coef.unsqueeze(2) * diff).flatten(0, 1))
+        tol_r = GRAD_ATOL[dtype] * (1 + torch.zeros(r64.shape[0], dtype=torch.float64).index_add_(
+            0, idx_c.flatten(), gout.abs().flatten())).unsqueeze(1)
+        err = (ref.grad.cpu().double() - want_gr).abs()
+        assert (err <= tol_r).all(), f"grad ref: err {err.max():.3e}"
+
+    if k >= 2:  # LID through the public API, against the guarded formula on oracle distances
+        lids = L.lid(x.detach(), None if ref is None else ref.detach(), k, estimator=c["estimator"],
+                     exclude_self=excl, self_offset=off, backend=backend).cpu().double()
+        want = lid_from_distances(d64[:, :k], c["estimator"], EPS)
+        # Condition number of the guarded formula: for MLE a zero distance counts as eps.
+        d_cond = d64[:, :k].clamp_min(EPS) if c["estimator"] == "mle" else d64[:, :k]
+        tol = lid_rtol(d_cond, c["estimator"], dtype)
+        ok = torch.isfinite(tol) & (tol > 0)  # w == m: ill-conditioned, only the formula is defined
+        rel = (lids - want).abs() / want
+        assert torch.isfinite(lids).all()
+        assert (rel[ok] <= tol[ok]).all(), f"LID: rel err {rel[ok].max():.3e} > tol {tol[ok][rel[ok].argmax()]:.3e}"
+
+
+# Examples the fuzzer once failed on, replayed on every run (see the regression tests below).
+FOUND = [
+    # MLE LID at scale 2^13 with duplicated lattice rows: fp32 rel. error 3.9e-6 > tol 3.5e-6.
+    dict(dtype=torch.float32, mode="offset", kind="lattice", b=2, n=86, d=3, k=28, scale_exp=4, shift=0.0,
+         offset=31, dup=0.5, bank_has_queries=False, x_layout="contig", ref_layout="contig", ref_grad=False,
+         estimator="mle", seed=0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_against_oracle(backend):
+    small = backend == "triton"
+    n = EXAMPLES[PROFILE][int(small)]
+
+    @seed(SESSION_SEED * 1_000_003 + zlib.crc32(backend.encode()))  # distinct examples per backend
+    @settings(settings.get_profile(f"ldreg-fuzz-{PROFILE}"), max_examples=n)
+    @given(c=cases(small))
+    @example(c=FOUND[0])
+    def run(c):
+        check_case(backend, c)
+
+    run()
+
+
+# ---------------------------------------------------------------- regressions found by fuzzing
+def _lid_impls():
+    impls = [lid_from_distances]
+    if "triton" in BACKENDS:
+        from ldreg_kernels.triton import lid_from_distances as triton_lid
+
+        impls.append(triton_lid)
+    return impls
+
+
+@pytest.mark.parametrize("estimator", ["mom", "mle"])
+def test_regression_lid_error_is_scale_invariant(estimator):
+    """Fuzzing found the float32 MLE LID's error growing with |ln scale| (~10x at 1e-6 or 1e6).
+
+    ``estimators.lid_from_distances`` computed ``ln r_j - ln w``: two logs of the data's
+    scale whose difference cancels, losing |ln scale| ulps per term. It now takes
+    ``ln(r_j / w)`` (as does the Triton LID epilogue), so scaling the distances by a power
+    of two, exact in float32, leaves the LID bit for bit unchanged; and at 1e-6 and 1e6 the
+    error stays within the condition-scaled tolerance.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    d64 = reference.knn(x, x, 64)[0]
+    for impl in _lid_impls():
+        base = impl(d64.float().to(DEV), estimator, EPS).cpu()
+        for e in (-20, -7, 9, 20):
+            got = impl((d64.float() * 2.0**e).to(DEV), estimator, EPS).cpu()
+            assert torch.equal(got, base), f"{impl.__module__}: LID changed when scaling distances by 2^{e}"
+        for scale in (1e-6, 1e6):
+            want = lid_from_distances(d64 * scale, estimator, EPS)
+            got = impl((d64 * scale).float().to(DEV), estimator, EPS).cpu().double()
+            rel = (got - want).abs() / want
+            tol = lid_rtol(d64, estimator, torch.float32)
+            assert (rel <= tol).all(), f"{impl.__module__}: rel err {rel.max():.2e} at scale {scale:g}"
