@@ -42,6 +42,23 @@ def check_pair(x: Tensor, ref: Tensor) -> None:
         raise TypeError(f"x and ref must have the same dtype: x is {x.dtype}, ref is {ref.dtype}")
 
 
+def check_global_ref(ref: str) -> None:
+    """A string ``ref`` names a gathered global batch."""
+    if ref not in ("global", "global_grad"):
+        raise ValueError(f"ref must be a tensor, None, 'global' or 'global_grad', got {ref!r}")
+
+
+def check_global_args(k: object, self_offset: object, ref: str) -> None:
+    """k is an int; self_offset is left at 0 (the rank's offset in the gathered batch is computed)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if self_offset != 0:
+        raise ValueError(
+            f"self_offset must be 0 with ref={ref!r} (this rank's offset in the gathered batch is "
+            f"computed), got {self_offset!r}"
+        )
+
+
 def check_k(k: object, n_ref: int, n_query: int, exclude_self: bool, self_offset: object) -> None:
     """k in [1, N - 1] with self excluded (else [1, N]); queries fit inside ref at self_offset."""
     if isinstance(k, bool) or not isinstance(k, int):

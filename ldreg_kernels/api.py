@@ -7,20 +7,45 @@ path serves eager mode and torch.compile.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 from torch import Tensor
 
 from . import _validate as V
+from .distributed import resolve_global_ref
 from .estimators import lid_from_distances, regularizer
 from .ops import resolve_backend
 
 DEFAULT_EPS = 1e-12
 
+# A reference set: a tensor, None (the batch itself, detached), or "global" / "global_grad"
+# (the batch gathered from every rank under torch.distributed; see ldreg_kernels.distributed).
+RefLike = Union[Tensor, str, None]
+
+
+def _global_ref(
+    x: Tensor, ref: str, k: int, self_offset: int, backend: str, *checks: Callable[[], None]
+) -> tuple[Optional[Tensor], int]:
+    """Resolve ref="global"/"global_grad" to (tensor or None, self_offset).
+
+    The local checks run inside the ranks' metadata exchange, so that an argument one rank
+    rejects raises on every rank instead of leaving the others waiting in a collective.
+    """
+    V.check_global_ref(ref)
+
+    def check() -> None:
+        V.check_features(x, "x")
+        V.check_global_args(k, self_offset, ref)
+        for c in checks:
+            c()
+        resolve_backend(backend, x.device)
+
+    return resolve_global_ref(x, ref, k, check)
+
 
 def knn(
     x: Tensor,
-    ref: Optional[Tensor] = None,
+    ref: RefLike = None,
     k: int = 64,
     *,
     exclude_self: bool = True,
@@ -32,6 +57,12 @@ def knn(
     Args:
         x: queries, (B, D), floating point.
         ref: reference set, (N, D), same dtype and device. ``None`` means ``x.detach()``.
+            ``"global"``: under torch.distributed, the batches of all ranks gathered
+            (detached; self excluded at this rank's offset; indices are rows of the
+            gathered batch); ``"global_grad"``: the same, with gradient flowing back
+            through the gather to the rank owning each row. Collective: every rank must
+            call it with the same D, k and dtype (else ValueError on every rank). Without
+            a process group they mean ``None`` and ``x`` (not detached).
         k: neighbours per query; 1 <= k <= N - 1 with ``exclude_self`` (else <= N).
         exclude_self: drop reference row ``i + self_offset`` for query ``i``, by index:
             a duplicate of the query stays a valid neighbour at distance 0. Pass False when
@@ -48,6 +79,8 @@ def knn(
     Raises:
         TypeError, ValueError: bad arguments, or NaN/Inf in ``x`` or ``ref``.
     """
+    if isinstance(ref, str):
+        ref, self_offset = _global_ref(x, ref, k, self_offset, backend)
     V.check_features(x, "x")
     if ref is None:
         ref = x.detach()
@@ -61,7 +94,7 @@ def knn(
 
 def lid(
     x: Tensor,
-    ref: Optional[Tensor] = None,
+    ref: RefLike = None,
     k: int = 64,
     *,
     estimator: str = "mom",
@@ -83,6 +116,10 @@ def lid(
     Returns:
         (B,) LID, float32 (float64 for float64 input), differentiable like :func:`knn`.
     """
+    if isinstance(ref, str):
+        ref, self_offset = _global_ref(
+            x, ref, k, self_offset, backend, lambda: V.check_lid_args(k, estimator, eps)
+        )
     V.check_lid_args(k, estimator, eps)
     dist, _ = knn(x, ref, k, exclude_self=exclude_self, self_offset=self_offset, backend=backend)
     return lid_from_distances(dist, estimator, eps)
@@ -90,7 +127,7 @@ def lid(
 
 def ldreg_loss(
     x: Tensor,
-    ref: Optional[Tensor] = None,
+    ref: RefLike = None,
     k: int = 64,
     beta: float = 0.01,
     *,
@@ -107,6 +144,12 @@ def ldreg_loss(
     ``-beta * sqrt(mean_i (ln LID_i)^2)``. Minimising it raises the LIDs.
     Published settings: k=64, beta=0.01 (SimCLR) / 0.005 (BYOL), on the encoder output.
 
+    With ``ref="global"`` each rank's loss averages over its own queries against the
+    gathered global batch; DDP's gradient averaging then gives exactly the single-process
+    gradient over the concatenated batch ("l1", equal per-rank batches). With
+    ``ref="global_grad"`` the gradient also flows through the gathered reference (every
+    rank must run the backward: it all-reduces).
+
     Args:
         x, ref, k, estimator, eps, exclude_self, self_offset, backend: as in :func:`lid`.
         beta: regularisation strength.
@@ -115,6 +158,11 @@ def ldreg_loss(
     Returns:
         Scalar tensor (float32, float64 for float64 input).
     """
+    if isinstance(ref, str):
+        ref, self_offset = _global_ref(
+            x, ref, k, self_offset, backend,
+            lambda: V.check_lid_args(k, estimator, eps), lambda: V.check_reg_args(beta, reg),
+        )
     V.check_reg_args(beta, reg)
     lids = lid(
         x, ref, k, estimator=estimator, eps=eps, exclude_self=exclude_self,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
 from . import _validate as V
-from .api import DEFAULT_EPS, ldreg_loss
+from .api import DEFAULT_EPS, RefLike, ldreg_loss
 from .ops import BACKENDS
 
 
@@ -27,11 +25,13 @@ class LDReg(nn.Module):
         backend: "auto" or a name from ``ldreg_kernels.available_backends()``.
 
     Shape:
-        forward(x: (B, D), ref: (N, D) or None) -> scalar.
+        forward(x: (B, D), ref: (N, D), None, "global" or "global_grad") -> scalar.
 
     Example:
         >>> reg = LDReg(k=32, beta=0.01)
         >>> loss = ssl_loss + reg(encoder_output)
+        >>> loss = ssl_loss + reg(encoder_output, ref="global")  # under DDP: the global batch
+        >>> loss = ssl_loss + reg(encoder_output, ref=queue.features(), exclude_self=False)
     """
 
     def __init__(
@@ -53,11 +53,24 @@ class LDReg(nn.Module):
         self.k, self.beta, self.reg = k, float(beta), reg
         self.estimator, self.eps, self.backend = estimator, float(eps), backend
 
-    def forward(self, x: Tensor, ref: Optional[Tensor] = None, self_offset: int = 0) -> Tensor:
-        """The regulariser for features ``x`` (B, D) against ``ref`` (default: x, detached)."""
+    def forward(
+        self, x: Tensor, ref: RefLike = None, self_offset: int = 0, exclude_self: bool = True
+    ) -> Tensor:
+        """The regulariser for features ``x`` (B, D) against ``ref``.
+
+        Args:
+            x: features, (B, D).
+            ref: (N, D) tensor; None (default: ``x`` detached); ``"global"`` (under
+                torch.distributed, every rank's batch gathered, detached) or
+                ``"global_grad"`` (gathered with gradient to the owning rank); see
+                :func:`ldreg_kernels.knn`.
+            self_offset: row of ``ref`` holding ``x[0]`` (a tensor ``ref`` only).
+            exclude_self: False when ``ref`` does not hold the queries (a memory bank such
+                as :class:`ldreg_kernels.FeatureQueue`).
+        """
         return ldreg_loss(
             x, ref, self.k, self.beta, reg=self.reg, estimator=self.estimator, eps=self.eps,
-            self_offset=self_offset, backend=self.backend,
+            exclude_self=exclude_self, self_offset=self_offset, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

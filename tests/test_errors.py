@@ -166,3 +166,77 @@ def test_all_zero_distances_are_finite(device_backend, estimator):
         loss = L.ldreg_loss(x, k=4, beta=1.0, reg=reg, estimator=estimator, backend=backend)
         (g,) = torch.autograd.grad(loss, (x,))
         assert torch.isfinite(loss) and torch.isfinite(g).all()
+
+
+# ------------------------------------------------------------------ ref="global" and FeatureQueue
+BAD_REF = "ref must be a tensor, None, 'global' or 'global_grad', got 'bogus'"
+
+
+def test_unknown_ref_string():
+    _raises(ValueError, BAD_REF, L.knn, X, "bogus", 3)
+    _raises(ValueError, BAD_REF, L.lid, X, "bogus", 3)
+    _raises(ValueError, BAD_REF, L.ldreg_loss, X, "bogus", 3)
+    _raises(ValueError, BAD_REF, L.LDReg(3), X, "bogus")
+    _raises(ValueError, "ref must be a tensor, None, 'global' or 'global_grad', got 'Global'", L.knn, X, "Global", 3)
+
+
+@pytest.mark.parametrize("ref", ["global", "global_grad"])
+def test_global_ref_bad_args(ref):
+    """Without a process group the same checks run (under DDP they raise on every rank)."""
+    msg = f"self_offset must be 0 with ref={ref!r} (this rank's offset in the gathered batch is computed), got 3"
+    _raises(ValueError, msg, L.knn, X, ref, 3, self_offset=3)
+    _raises(ValueError, msg, L.LDReg(3), X, ref, 3)
+    _raises(TypeError, "k must be an int, got float", L.lid, X, ref, 3.0)
+    _raises(ValueError, "k must be >= 2 to estimate LID, got k=1", L.lid, X, ref, 1)
+    _raises(ValueError, "k=10 exceeds the N - 1 = 9 reference rows left after excluding self", L.knn, X, ref, 10)
+    _raises(ValueError, "reg must be one of ('l1', 'l2'), got 'l3'", L.ldreg_loss, X, ref, 3, reg="l3")
+    _raises(ValueError, "x must be 2-D (rows, features), got shape (4,)", L.knn, X[0], ref, 3)
+    _raises(ValueError, "backend must be 'auto' or one of", L.knn, X, ref, 3, backend="nope")
+
+
+@pytest.mark.parametrize(
+    "args, exc, msg",
+    [
+        ((0, 4), ValueError, "size must be a positive int, got 0"),
+        ((4, 2.5), ValueError, "dim must be a positive int, got 2.5"),
+        ((True, 4), ValueError, "size must be a positive int, got True"),
+        ((4, 4, torch.int64), TypeError, "dtype must be a floating-point torch.dtype, got torch.int64"),
+        ((4, 4, "float32"), TypeError, "dtype must be a floating-point torch.dtype, got 'float32'"),
+    ],
+)
+def test_feature_queue_bad_construction(args, exc, msg):
+    _raises(exc, msg, L.FeatureQueue, *args)
+
+
+@pytest.mark.parametrize(
+    "feats, exc, msg",
+    [
+        (torch.zeros(3, 5), ValueError, "feats must have shape (n, 4) for this queue, got (3, 5)"),
+        (torch.zeros(4), ValueError, "feats must have shape (n, 4) for this queue, got (4,)"),
+        (torch.zeros(3, 4, dtype=torch.float64), TypeError,
+         "feats must have the queue's dtype torch.float32, got torch.float64"),
+        (torch.zeros(3, 4, device="meta"), ValueError, "feats must be on the queue's device cpu, got meta"),
+        ([[0.0] * 4], TypeError, "feats must be a torch.Tensor, got list"),
+    ],
+)
+def test_feature_queue_bad_enqueue(feats, exc, msg):
+    q = L.FeatureQueue(8, 4)
+    _raises(exc, msg, q.enqueue, feats)
+    assert len(q) == 0  # nothing was written
+
+
+def test_feature_queue_bad_state_and_use():
+    q = L.FeatureQueue(8, 4)
+    q.enqueue(torch.randn(5, 4))
+    state = q.state_dict()
+    _raises(ValueError, "saved queue buffer must have shape (8, 4), got (4, 4)",
+            q.load_state_dict, {**state, "buffer": torch.zeros(4, 4)})
+    _raises(TypeError, "saved queue buffer must have the queue's dtype torch.float32, got torch.float64",
+            q.load_state_dict, {**state, "buffer": state["buffer"].double()})
+    _raises(ValueError, "saved queue position is inconsistent: ptr=3, filled=5, size=8",
+            q.load_state_dict, {**state, "ptr": 3})
+    with pytest.raises(KeyError):
+        q.load_state_dict({"buffer": state["buffer"]})
+    # An empty queue as ref, or one smaller than k: the usual clear errors.
+    _raises(ValueError, "ref is empty: shape (0, 4)", L.lid, X, L.FeatureQueue(8, 4).features(), 3, exclude_self=False)
+    _raises(ValueError, "k=6 exceeds the N = 5 reference rows", L.lid, X, q.features(), 6, exclude_self=False)
