@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
              f"AdamW lr 2e-3 cosine; LDReg on the encoder output, k={a.k}, reg l1, MoM estimator, reference = "
              "the batch (SimCLR: both views; BYOL: online + target views), no warm-up. Metrics on the "
              "held-out 1000 images: linear-probe top-1 (L-BFGS logistic regression on frozen features), "
-             "geometric-mean LID (MLE, k=32) against the 4000 training images, effective rank.", "",
+             "geometric-mean LID (MLE, k=32) against the 4000 training images, effective rank. "
+             "'train s/run' is wall time on a shared machine (runs overlapped other jobs): not a benchmark.", "",
              *table(groups), "", f"![curves]({os.path.basename(png)})", ""]
     if sweep:
         lines += ["One-seed SimCLR sweep of beta (seed %d):" % a.seeds[0], "",
