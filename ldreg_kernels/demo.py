@@ -13,7 +13,8 @@ import os
 import time
 
 from . import available_backends, reference
-from .ssl.evaluate import extract, per_sample_lid
+from .metrics import geometric_mean, per_sample_lid
+from .ssl.evaluate import extract
 from .ssl.plot import plot_runs
 from .ssl.train import TrainConfig, Trainer
 
@@ -48,11 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     # The same held-out LID from every backend, against the float64 oracle.
     trainer = results["ldreg"][1]
     ftr, fte = extract(trainer.model.encoder, trainer.data.train_x), extract(trainer.model.encoder, trainer.data.test_x)
-    oracle = float(reference.lid(fte.double(), ftr.double(), 32, "mle", exclude_self=False).log().mean().exp())
+    oracle = geometric_mean(reference.lid(fte.double(), ftr.double(), 32, "mle", exclude_self=False))
     print(f"\nheld-out GM-LID of the LDReg run, {tuple(fte.shape)} vs {tuple(ftr.shape)}: float64 oracle {oracle:.6f}")
     for backend in available_backends("cpu"):
         t = time.perf_counter()
-        gm = float(per_sample_lid(fte, ftr, 32, backend=backend).double().log().mean().exp())
+        gm = geometric_mean(per_sample_lid(fte, ftr, 32, backend=backend))
         print(f"  {backend:<10} {gm:.6f}  rel err {abs(gm - oracle) / oracle:.1e}  {time.perf_counter() - t:.2f}s")
     png = plot_runs([os.path.join(args.out, n) for n in results], os.path.join(args.out, "plot.png"))
     print(f"\nplot: {png}")

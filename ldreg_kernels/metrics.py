@@ -17,6 +17,47 @@ from .api import DEFAULT_EPS, lid
 
 
 @torch.no_grad()
+def per_sample_lid(
+    features: Tensor,
+    reference: Optional[Tensor] = None,
+    k: int = 32,
+    *,
+    estimator: str = "mle",
+    batch_size: int = 1024,
+    eps: float = DEFAULT_EPS,
+    backend: str = "auto",
+) -> Tensor:
+    """LID of every row of ``features`` against ``reference``, streamed over query batches.
+
+    Args:
+        features: (M, D) queries.
+        reference: (N, D); ``None`` means ``features`` itself, each row's self excluded.
+            A given reference is assumed not to hold the queries (nothing is excluded).
+        k: neighbours (the paper reports MLE with k = 32 or 512).
+        estimator: "mle" (the paper's metric) or "mom".
+        batch_size: queries per call; the reference is never tiled into an M x N matrix.
+
+    Returns:
+        (M,) LIDs, float32 (float64 for float64 input).
+    """
+    V.check_features(features, "features")
+    exclude = reference is None
+    ref = features if reference is None else reference
+    return torch.cat([
+        lid(
+            features[s : s + batch_size], ref, k, estimator=estimator, eps=eps, exclude_self=exclude,
+            self_offset=s if exclude else 0, backend=backend,
+        )
+        for s in range(0, features.shape[0], batch_size)
+    ])
+
+
+def geometric_mean(lids: Tensor) -> float:
+    """exp(mean ln LID), accumulated in float64."""
+    return math.exp(float(torch.log(lids.double()).mean()))
+
+
+@torch.no_grad()
 def geometric_mean_lid(
     features: Tensor,
     reference: Optional[Tensor] = None,
@@ -30,28 +71,14 @@ def geometric_mean_lid(
     """exp(mean_i ln LID_i) of every row of ``features`` against ``reference``.
 
     Args:
-        features: (M, D) queries.
-        reference: (N, D); ``None`` means ``features`` itself, each row's self excluded.
-        k: neighbours (the paper reports MLE with k = 32 or 512).
-        estimator: "mle" (the paper's metric) or "mom".
-        batch_size: queries per call; the reference is never tiled into an M x N matrix.
+        features, reference, k, estimator, batch_size, eps, backend: as in
+            :func:`per_sample_lid`.
 
     Returns:
         The geometric mean LID as a Python float.
     """
-    V.check_features(features, "features")
-    exclude = reference is None
-    ref = features if reference is None else reference
-    total, count = 0.0, 0
-    for s in range(0, features.shape[0], batch_size):
-        q = features[s : s + batch_size]
-        lids = lid(
-            q, ref, k, estimator=estimator, eps=eps, exclude_self=exclude,
-            self_offset=s if exclude else 0, backend=backend,
-        )
-        total += float(torch.log(lids.double()).sum())
-        count += q.shape[0]
-    return math.exp(total / count)
+    return geometric_mean(per_sample_lid(
+        features, reference, k, estimator=estimator, batch_size=batch_size, eps=eps, backend=backend))
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from ldreg_kernels.ssl import augment as A
 from ldreg_kernels.ssl.cli import main as cli
 from ldreg_kernels.ssl.data import cifar10, digits, get_dataset, mnist5k
 from ldreg_kernels.ssl.equivalence import loss_curve, max_rel_diff
-from ldreg_kernels.ssl.evaluate import linear_probe, per_sample_lid
+from ldreg_kernels.metrics import per_sample_lid
+from ldreg_kernels.ssl.evaluate import linear_probe
 from ldreg_kernels.ssl.methods import BYOL, SimCLR, nt_xent
 from ldreg_kernels.ssl.models import ResNetEncoder
 from ldreg_kernels.ssl.train import TrainConfig, Trainer

@@ -56,8 +56,6 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
 def global_ref(ref: Tensor) -> tuple[Tensor, int]:
     """The detached reference gathered from every rank, and the row where ours begins."""
-    if world_size() == 1:
-        return ref, 0
     from ..distributed import global_reference
 
     return global_reference(ref)

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 
 from .data import get_dataset
-from .evaluate import extract, per_sample_lid
+from ..metrics import geometric_mean, per_sample_lid
+from .evaluate import extract
 from .train import TrainConfig, Trainer
 
 
@@ -42,7 +43,7 @@ def loss_curve(backend: str, steps: int, *, method: str = "simclr", seed: int = 
                 break
         t.epoch += 1
     feats_te, feats_tr = extract(t.model.encoder, data.test_x), extract(t.model.encoder, data.train_x)
-    gm = float(per_sample_lid(feats_te.double(), feats_tr.double(), 32, backend="reference").log().mean().exp())
+    gm = geometric_mean(per_sample_lid(feats_te.double(), feats_tr.double(), 32, backend="reference"))
     return {"loss": losses, "batch_lid": lids, "gm_lid": gm}
 
 

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..api import lid
-from ..metrics import effective_rank
+from ..metrics import effective_rank, geometric_mean, per_sample_lid
 
 
 @dataclass
@@ -68,16 +67,6 @@ def linear_probe(
         return float((lin(xte).argmax(1).cpu() == test_y.cpu()).double().mean())
 
 
-@torch.no_grad()
-def per_sample_lid(queries: Tensor, reference: Tensor, k: int = 32, *, estimator: str = "mle",
-                   backend: str = "auto", batch_size: int = 1024) -> Tensor:
-    """LID of every query against a reference that does not contain it, streamed."""
-    return torch.cat([
-        lid(queries[s : s + batch_size], reference, k, estimator=estimator, exclude_self=False, backend=backend)
-        for s in range(0, len(queries), batch_size)
-    ])
-
-
 def evaluate(encoder: nn.Module, data, k: int = 32, backend: str = "auto") -> Evaluation:
     """Probe accuracy, geometric-mean LID (MLE, k) and effective rank of ``data.test_x``."""
     ftr = extract(encoder, data.train_x)
@@ -85,7 +74,7 @@ def evaluate(encoder: nn.Module, data, k: int = 32, backend: str = "auto") -> Ev
     lids = per_sample_lid(fte, ftr, k, backend=backend).cpu()
     return Evaluation(
         probe_acc=linear_probe(ftr, data.train_y, fte, data.test_y, data.num_classes),
-        gm_lid=float(lids.double().log().mean().exp()),
+        gm_lid=geometric_mean(lids),
         erank=effective_rank(fte),
         lids=lids,
     )
