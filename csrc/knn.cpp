@@ -72,23 +72,55 @@ void check_backward_args(const at::Tensor& grad_dist, const at::Tensor& x, const
                    "dist must be float32 or float64");
 }
 
+void check_finite(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), name,
+                    " contains NaN or Inf; LID is undefined for non-finite features "
+                    "(check the encoder output before the regulariser)");
+}
+
 void redo_exhaustive(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& rows,
                      int64_t k, int64_t self_offset, bool exclude_self, at::Tensor& dist,
                      at::Tensor& idx) {
   const int64_t r = rows.numel(), n = ref.size(0);
   if (r == 0) return;
+  constexpr int64_t kBudget = int64_t{1} << 22;
   const auto ct = dist.scalar_type();
+  const bool packed = ct == at::kFloat;  // (distance bits << 32 | index): one exact int64 key
   const at::Tensor refc = ref.to(ct);
-  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(r, (int64_t{1} << 22) / n));
+  const int64_t cols = std::max<int64_t>(k, std::min<int64_t>(n, kBudget / 8));
+  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(r, kBudget / (k + cols)));
+  const auto lopt = x.options().dtype(at::kLong);
   for (int64_t s = 0; s < r; s += step) {
     const at::Tensor rc = rows.narrow(0, s, std::min(step, r - s));
-    at::Tensor d = at::cdist(x.index_select(0, rc).to(ct), refc, 2.0, /*donot_use_mm*/ 2);
-    if (exclude_self) {
-      d.scatter_(1, (rc + self_offset).unsqueeze(1), std::numeric_limits<double>::infinity());
+    const at::Tensor xc = x.index_select(0, rc).to(ct);
+    at::Tensor best = at::empty({rc.size(0), 0}, packed ? lopt : xc.options());
+    at::Tensor best_i = at::empty({rc.size(0), 0}, lopt);
+    for (int64_t j0 = 0; j0 < n; j0 += cols) {
+      const int64_t jn = std::min(cols, n - j0);
+      at::Tensor d = at::cdist(xc, refc.narrow(0, j0, jn), 2.0, /*donot_use_mm*/ 2);
+      if (exclude_self) {
+        const at::Tensor col = rc + (self_offset - j0);
+        const at::Tensor hit = at::nonzero((col >= 0) & (col < jn)).flatten();
+        d.index_put_({hit, col.index_select(0, hit)}, std::numeric_limits<double>::infinity());
+      }
+      const at::Tensor j = at::arange(j0, j0 + jn, lopt);
+      if (packed) {
+        const at::Tensor keys = d.view(at::kInt).to(at::kLong).bitwise_left_shift(32).bitwise_or(j);
+        best = std::get<0>(at::topk(at::cat({best, keys}, 1), k, 1, /*largest=*/false));
+      } else {
+        // Earlier blocks hold lower indices: a stable sort of [best, block] is the
+        // (distance, index) order.
+        auto sorted = at::sort(at::cat({best, d}, 1), /*stable=*/true, /*dim=*/1, /*descending=*/false);
+        best_i = at::cat({best_i, j.expand({rc.size(0), jn})}, 1).gather(1, std::get<1>(sorted).narrow(1, 0, k));
+        best = std::get<0>(sorted).narrow(1, 0, k);
+      }
     }
-    auto sorted = at::sort(d, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-    dist.index_copy_(0, rc, std::get<0>(sorted).narrow(1, 0, k));
-    idx.index_copy_(0, rc, std::get<1>(sorted).narrow(1, 0, k));
+    if (packed) {
+      best_i = best.bitwise_and(0xFFFFFFFFLL);
+      best = best.bitwise_right_shift(32).to(at::kInt).view(at::kFloat);
+    }
+    dist.index_copy_(0, rc, best);
+    idx.index_copy_(0, rc, best_i);
   }
 }
 
@@ -110,6 +142,13 @@ TORCH_LIBRARY_FRAGMENT(ldreg, m) {
       "knn_backward_native(Tensor grad_dist, Tensor x, Tensor ref, Tensor idx, Tensor dist, "
       "bool need_ref_grad) -> (Tensor, Tensor)");
   m.def("compiled_cuda_version() -> int", &ldreg::compiled_cuda_version);
+  // The certificate and margin the kernels use, exported so a test can check they equal
+  // the Python ones (ldreg_kernels._host).
+  m.def("certificate_coef(int dim, float acc_unit, float input_unit) -> float",
+        [](int64_t dim, double acc_unit, double input_unit) {
+          return ldreg::certificate_coef(dim, acc_unit, input_unit);
+        });
+  m.def("default_margin(int k) -> int", [](int64_t k) { return ldreg::default_margin(k); });
 }
 
 #ifdef LDREG_WITH_PYTHON

@@ -6,18 +6,39 @@
 //       -> (Tensor dist, Tensor idx)
 //   ldreg::knn_backward_native(Tensor grad_dist, Tensor x, Tensor ref, Tensor idx,
 //       Tensor dist, bool need_ref_grad) -> (Tensor grad_x, Tensor grad_ref)
-// Semantics: see ldreg_kernels/torch_impl.py (the "torch" backend) and reference.py.
+// Semantics: see ldreg_kernels/backends/torch.py (the "torch" backend) and reference.py.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <tuple>
 
 namespace ldreg {
 
-// Extra candidates kept past k so that inexact selection cannot lose a true neighbour.
-// Must equal ldreg_kernels.torch_impl.default_margin.
+// Extra candidates kept past k: a wider candidate set makes the certificate pass more
+// often. The same function as ldreg_kernels._host.default_margin (a test checks parity
+// through the exported op ldreg::default_margin).
 inline int64_t default_margin(int64_t k) { return k / 4 > 8 ? k / 4 : 8; }
+
+// The exactness certificate's coefficient c: a row's k-th neighbour w is proven exact
+// unless  w^2 >= bound - c * (|x|^2 + max_j |r_j|^2),  bound = the largest approximate
+// squared distance kept. dim = D, acc_unit = machine epsilon of the accumulation,
+// input_unit = rounding of the selection inputs (2^-10 for TF32, 0 for none).
+// Rigorous (worst case); the derivation of every constant is in
+// ldreg_kernels._host.certificate_coef, which this must equal bit for bit (tested through
+// the exported op ldreg::certificate_coef).
+inline double certificate_coef(int64_t dim, double acc_unit, double input_unit) {
+  const double u = acc_unit, v = input_unit;
+  if (static_cast<double>(dim) * u > 1.0 / 64 || v > 1.0 / 256) {
+    return std::numeric_limits<double>::infinity();
+  }
+  const double w = (1 + v) * (1 + v);
+  return 17.0 / 16.0 * ((4.0 * static_cast<double>(dim) + 22.0) * w * u + 2 * v + v * v);
+}
+
+// Raises ValueError (the Python API's message) if t holds NaN or Inf.
+void check_finite(const at::Tensor& t, const char* name);
 
 // Validates shapes/dtypes/devices/k for direct C++ callers; Python validates first with
 // friendlier messages. Throws c10::ValueError / c10::TypeError.
@@ -45,9 +66,11 @@ std::tuple<at::Tensor, at::Tensor> finish_grads(const at::Tensor& gx, const at::
 void check_backward_args(const at::Tensor& grad_dist, const at::Tensor& x, const at::Tensor& ref,
                          const at::Tensor& idx, const at::Tensor& dist);
 
-// Rows whose selection was not provably exact are redone here: exact direct-difference
-// distances to every reference row (cdist without the mm expansion), own row masked,
-// stable sort (ties to the lower index). Chunked so no temporary exceeds ~4M elements.
+// Rows the certificate could not prove exact are redone here (the CUDA path; the CPU
+// kernel streams its own): exact direct-difference distances to every reference row
+// (cdist without the mm expansion), own row masked, (distance, index) order. The reference
+// is streamed in column blocks with a running best-k list, so no temporary exceeds ~4M
+// elements however many rows are redone (ldreg_kernels._host.exhaustive does the same).
 void redo_exhaustive(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& rows,
                      int64_t k, int64_t self_offset, bool exclude_self, at::Tensor& dist,
                      at::Tensor& idx);

@@ -10,7 +10,9 @@
 //   2. Per row, exact distances of the m candidates by direct differences (float for
 //      float/half/bf16 input, double for double), lexicographic (distance, index) order,
 //      keep k. Rows where an unseen reference row could still tie or beat the k-th
-//      neighbour within matmul rounding are redone exhaustively (redo_exhaustive).
+//      neighbour within matmul rounding (the certificate, knn.h) are redone exhaustively:
+//      exact distances to every reference row, streamed through a 2k-entry buffer per
+//      thread, so a collapsed batch (every row redone) costs no B x N memory.
 // Backward: grad_x by rows; grad_ref by column blocks, so threads never write the same
 // element and the sum order is fixed (deterministic).
 #include <ATen/Dispatch.h>
@@ -111,6 +113,35 @@ inline acc_t exact_sqdist(const scalar_t* a, const scalar_t* b, int64_t d) {
   }
 }
 
+// Exact kNN of one query against every reference row but `own`, in (distance, index)
+// order, through `tmp` (2k entries): candidates are appended until it fills, then an
+// nth_element keeps the k smallest. Reference rows arrive in index order, so once k are
+// kept a later row enters only if strictly closer than the k-th (it loses a tie).
+template <typename scalar_t, typename acc_t>
+void exhaustive_row(const scalar_t* xr, const scalar_t* rp, int64_t n, int64_t dim, int64_t k,
+                    int64_t own, Cand<acc_t>* tmp, acc_t* dout, int64_t* iout) {
+  int64_t cnt = 0;
+  bool kept = false;
+  acc_t thr = std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    if (j == own) continue;
+    const acc_t d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + j * dim, dim));
+    if (kept ? !(d < thr) : !(d <= thr)) continue;
+    tmp[cnt++] = {d, j};
+    if (cnt == 2 * k) {
+      std::nth_element(tmp, tmp + (k - 1), tmp + cnt);
+      cnt = k;
+      kept = true;
+      thr = tmp[k - 1].d;
+    }
+  }
+  std::partial_sort(tmp, tmp + k, tmp + cnt);
+  for (int64_t c = 0; c < k; ++c) {
+    dout[c] = tmp[c].d;
+    iout[c] = tmp[c].i;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t self_offset,
                   bool exclude_self, at::Tensor& dist, at::Tensor& idx) {
@@ -201,8 +232,9 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   acc_t* dp = dist.data_ptr<acc_t>();
   int64_t* ip = idx.data_ptr<int64_t>();
   std::vector<uint8_t> redo(static_cast<size_t>(b), 0);
-  const acc_t eps = std::numeric_limits<acc_t>::epsilon();
-  const acc_t sqrt_d = std::sqrt(static_cast<acc_t>(dim));
+  // Selection reads the inputs as they are (no TF32 on CPU): only accumulation rounding.
+  const acc_t coef = static_cast<acc_t>(certificate_coef(dim, std::numeric_limits<acc_t>::epsilon(), 0.0));
+  const bool always = std::isinf(coef);  // past the first-order model: redo every row
 
   at::parallel_for(0, b, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
@@ -219,18 +251,21 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
         ip[row * k + c] = h[c].i;
       }
       const acc_t w = h[k - 1].d;
-      const acc_t err = 8 * eps * (sqxp[row] + max_sqr) * sqrt_d;
-      redo[row] = (m < n_valid) && (w * w >= bound - err);
+      redo[row] = (m < n_valid) && (always || w * w >= bound - coef * (sqxp[row] + max_sqr));
     }
   });
 
   std::vector<int64_t> rows;
   for (int64_t row = 0; row < b; ++row)
     if (redo[row]) rows.push_back(row);
-  if (!rows.empty()) {
-    const at::Tensor rt = at::tensor(rows, x.options().dtype(at::kLong));
-    redo_exhaustive(x, ref, rt, k, self_offset, exclude_self, dist, idx);
-  }
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 1, [&](int64_t r0, int64_t r1) {
+    std::vector<Cand<acc_t>> tmp(static_cast<size_t>(2 * k));
+    for (int64_t t = r0; t < r1; ++t) {
+      const int64_t row = rows[t];
+      exhaustive_row<scalar_t, acc_t>(xp + row * dim, rp, n, dim, k, exclude_self ? row + self_offset : -1,
+                                      tmp.data(), dp + row * k, ip + row * k);
+    }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -281,6 +316,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_, const at::Tenso
                                            int64_t self_offset, bool exclude_self) {
   check_knn_args(x_, ref_, k, self_offset, exclude_self);
   TORCH_CHECK_VALUE(x_.is_cpu(), "knn_cpu needs CPU tensors, got ", x_.device());
+  check_finite(x_, "x");
+  check_finite(ref_, "ref");
   const at::Tensor x = x_.contiguous(), ref = ref_.contiguous();
   at::Tensor dist, idx;
   std::tie(dist, idx) = empty_knn_outputs(x, k);

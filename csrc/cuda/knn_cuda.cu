@@ -19,11 +19,11 @@
 //      differences (one warp per candidate, lanes stride over D, fp32 accumulation, fp64 for
 //      double), bitonic sort by (distance, index) - exact ties go to the lower index, NaN
 //      last - and the first k are written. It also flags rows where an unseen reference row
-//      could still tie or beat the k-th neighbour within matmul rounding:
-//          w^2 >= bound - 8 eps (|x_i|^2 + max_j |r_j|^2) sqrt(D),
-//      bound = largest kept approximate squared distance, eps = the matmul's unit (fp32 eps,
-//      2^-10 when TF32 is allowed for cuBLAS, fp64 eps for double). Those rows are redone by
-//      redo_exhaustive (ATen, direct differences against every reference row).
+//      could still tie or beat the k-th neighbour within matmul rounding (the certificate,
+//      knn.h): w^2 >= bound - c (|x_i|^2 + max_j |r_j|^2), bound = largest kept approximate
+//      squared distance, c = certificate_coef(D, eps of the accumulation, 2^-10 when TF32 is
+//      allowed for cuBLAS). Those rows are redone by redo_exhaustive (ATen, direct
+//      differences against every reference row, streamed in bounded blocks).
 // Backward: one block per query row, threads over features; grad_x_i in a register per
 // feature (fixed order: deterministic); grad_ref by atomicAdd into an fp32/fp64 buffer.
 //
@@ -288,7 +288,7 @@ rerank_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ ref, 
     const acc_t bound = top + sqx[row];
     const acc_t w = key[k - 1];
     const acc_t err = err_scale * (sqx[row] + *max_sqr);
-    redo[row] = check && (w * w >= bound - err);
+    redo[row] = check && (isinf(err_scale) || w * w >= bound - err);
   }
 }
 
@@ -381,12 +381,10 @@ void knn_cuda_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_
     }
   }
 
-  // The matmul's unit roundoff: TF32 (10-bit mantissa) when the user allowed it for fp32.
-  acc_t eps = std::numeric_limits<acc_t>::epsilon();
-  if (std::is_same_v<acc_t, float> && at::globalContext().allowTF32CuBLAS()) {
-    eps = static_cast<acc_t>(1.0 / 1024.0);
-  }
-  const acc_t err_scale = 8 * eps * std::sqrt(static_cast<acc_t>(dim));
+  // cuBLAS rounds fp32 inputs to TF32 (10-bit mantissa) when the user allowed it.
+  const bool tf32 = std::is_same_v<acc_t, float> && at::globalContext().allowTF32CuBLAS();
+  const acc_t err_scale = static_cast<acc_t>(
+      certificate_coef(dim, std::numeric_limits<acc_t>::epsilon(), tf32 ? 1.0 / 1024.0 : 0.0));
   const bool check = m < n_valid;
   at::Tensor redo = at::empty({b}, x.options().dtype(at::kBool));
   rerank_kernel<scalar_t, acc_t><<<static_cast<unsigned>(b), kRerankThreads, smem_rr, stream>>>(
@@ -408,6 +406,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x_, const at::Tens
                                             int64_t self_offset, bool exclude_self) {
   check_knn_args(x_, ref_, k, self_offset, exclude_self);
   TORCH_CHECK_VALUE(x_.is_cuda(), "knn_cuda needs CUDA tensors, got ", x_.device());
+  check_finite(x_, "x");
+  check_finite(ref_, "ref");
   TORCH_CHECK_VALUE(k <= kMaxK, "the cuda backend supports k <= ", kMaxK,
                     " (its candidate buffer lives in shared memory), got k=", k,
                     "; use backend='torch' for larger k");
