@@ -15,10 +15,10 @@ from .api import knn, ldreg_loss, lid
 from .distributed import gather_with_grad, global_reference
 from .metrics import effective_rank, geometric_mean_lid
 from .nn import LDReg
-from .ops import available_backends
+from .registry import available_backends
 from .queue import FeatureQueue
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "knn",

@@ -59,6 +59,24 @@ def check_global_args(k: object, self_offset: object, ref: str) -> None:
         )
 
 
+def resolve_exclude_self(exclude_self: object, ref: object, self_offset: object) -> bool:
+    """The default ``exclude_self``: True when ``ref`` holds the queries (None, "global").
+
+    A ``self_offset`` without exclusion is refused rather than ignored: before 0.2.0 a tensor
+    ``ref`` excluded by default, and code that passed an offset relied on it.
+    """
+    if exclude_self is None:
+        exclude_self = ref is None or isinstance(ref, str)
+        if not exclude_self and self_offset != 0:
+            raise ValueError(
+                f"self_offset={self_offset!r} needs exclude_self=True: with a tensor ref, exclude_self "
+                "defaults to False since 0.2.0 (a memory bank does not hold the queries)"
+            )
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"exclude_self must be a bool or None, got {type(exclude_self).__name__}")
+    return exclude_self
+
+
 def check_k(k: object, n_ref: int, n_query: int, exclude_self: bool, self_offset: object) -> None:
     """k in [1, N - 1] with self excluded (else [1, N]); queries fit inside ref at self_offset."""
     if isinstance(k, bool) or not isinstance(k, int):

@@ -1,7 +1,7 @@
 """Public functions: knn, lid, ldreg_loss.
 
 Each validates its arguments (clear TypeError/ValueError naming the argument), resolves the
-backend once (``ops.resolve_backend``) and calls the backend's custom op, so the same code
+backend once (``registry.resolve_backend``) and calls the backend's custom op, so the same code
 path serves eager mode and torch.compile.
 """
 
@@ -14,7 +14,7 @@ from torch import Tensor
 from . import _validate as V
 from .distributed import resolve_global_ref
 from .estimators import lid_from_distances, regularizer
-from .ops import resolve_backend
+from .registry import resolve_backend
 
 DEFAULT_EPS = 1e-12
 
@@ -48,7 +48,7 @@ def knn(
     ref: RefLike = None,
     k: int = 64,
     *,
-    exclude_self: bool = True,
+    exclude_self: Optional[bool] = None,
     self_offset: int = 0,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
@@ -65,9 +65,12 @@ def knn(
             a process group they mean ``None`` and ``x`` (not detached).
         k: neighbours per query; 1 <= k <= N - 1 with ``exclude_self`` (else <= N).
         exclude_self: drop reference row ``i + self_offset`` for query ``i``, by index:
-            a duplicate of the query stays a valid neighbour at distance 0. Pass False when
-            ``ref`` does not contain the queries (e.g. a memory bank).
-        self_offset: row of ``ref`` holding query 0 (a gathered global batch: rank * B).
+            a duplicate of the query stays a valid neighbour at distance 0. Default
+            (None): True when ``ref`` is None or "global"/"global_grad" (the reference
+            holds the queries), False for a tensor ``ref`` such as a memory bank. (Before
+            0.2.0 it was always True, which silently dropped bank row i for query i.)
+        self_offset: row of ``ref`` holding query 0 (a gathered global batch: rank * B);
+            only with ``exclude_self=True``.
         backend: "auto", "reference", "torch", or a compiled backend; see
             ``available_backends()``.
 
@@ -79,6 +82,7 @@ def knn(
     Raises:
         TypeError, ValueError: bad arguments, or NaN/Inf in ``x`` or ``ref``.
     """
+    exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
     if isinstance(ref, str):
         ref, self_offset = _global_ref(x, ref, k, self_offset, backend)
     V.check_features(x, "x")
@@ -99,7 +103,7 @@ def lid(
     *,
     estimator: str = "mom",
     eps: float = DEFAULT_EPS,
-    exclude_self: bool = True,
+    exclude_self: Optional[bool] = None,
     self_offset: int = 0,
     backend: str = "auto",
 ) -> Tensor:
@@ -116,6 +120,7 @@ def lid(
     Returns:
         (B,) LID, float32 (float64 for float64 input), differentiable like :func:`knn`.
     """
+    exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
     if isinstance(ref, str):
         ref, self_offset = _global_ref(
             x, ref, k, self_offset, backend, lambda: V.check_lid_args(k, estimator, eps)
@@ -134,7 +139,7 @@ def ldreg_loss(
     reg: str = "l1",
     estimator: str = "mom",
     eps: float = DEFAULT_EPS,
-    exclude_self: bool = True,
+    exclude_self: Optional[bool] = None,
     self_offset: int = 0,
     backend: str = "auto",
 ) -> Tensor:
@@ -158,6 +163,7 @@ def ldreg_loss(
     Returns:
         Scalar tensor (float32, float64 for float64 input).
     """
+    exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
     if isinstance(ref, str):
         ref, self_offset = _global_ref(
             x, ref, k, self_offset, backend,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
 from . import _validate as V
 from .api import DEFAULT_EPS, RefLike, ldreg_loss
-from .ops import BACKENDS
+from .registry import BACKENDS
 
 
 class LDReg(nn.Module):
@@ -54,7 +56,7 @@ class LDReg(nn.Module):
         self.estimator, self.eps, self.backend = estimator, float(eps), backend
 
     def forward(
-        self, x: Tensor, ref: RefLike = None, self_offset: int = 0, exclude_self: bool = True
+        self, x: Tensor, ref: RefLike = None, self_offset: int = 0, exclude_self: Optional[bool] = None
     ) -> Tensor:
         """The regulariser for features ``x`` (B, D) against ``ref``.
 
@@ -64,9 +66,11 @@ class LDReg(nn.Module):
                 torch.distributed, every rank's batch gathered, detached) or
                 ``"global_grad"`` (gathered with gradient to the owning rank); see
                 :func:`ldreg_kernels.knn`.
-            self_offset: row of ``ref`` holding ``x[0]`` (a tensor ``ref`` only).
-            exclude_self: False when ``ref`` does not hold the queries (a memory bank such
-                as :class:`ldreg_kernels.FeatureQueue`).
+            self_offset: row of ``ref`` holding ``x[0]`` (a tensor ``ref`` that holds the
+                queries, with ``exclude_self=True``).
+            exclude_self: default: True for ``ref`` None or "global", False for a tensor
+                (a memory bank such as :class:`ldreg_kernels.FeatureQueue`); pass True for
+                a tensor that holds the queries.
         """
         return ldreg_loss(
             x, ref, self.k, self.beta, reg=self.reg, estimator=self.estimator, eps=self.eps,

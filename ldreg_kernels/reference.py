@@ -95,7 +95,8 @@ def lid_mom_est(
     Same semantics as the original: ``k = min(k, b - 2)``, sorted column 0 is dropped as
     the query itself (by position, not by index, so a duplicate row can take its place),
     ``m = mean(a[:, 1:k])`` and ``w = a[:, k]``. Migrate with
-    ``ldreg_kernels.lid(data, reference, k, estimator="mom")``, which excludes self by index.
+    ``ldreg_kernels.lid(data, reference, k, estimator="mom", exclude_self=True)``, which excludes
+    self by index.
 
     Returns:
         LID (B,), or ``(idx, LID)`` with ``get_idx=True`` (idx is the full (B, N) argsort).

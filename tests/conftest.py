@@ -1,23 +1,43 @@
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# A private compile cache: torch's AOTAutograd cache keys a compiled graph on its forward, not
+# on a custom op's registered backward, so a cache left by another version of this package
+# could replay that version's backward.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ldreg-inductor-"))
+
 if not torch.cuda.is_available():  # run the Triton kernels on CPU tensors (interpreter); before the import below
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import ldreg_kernels as L  # noqa: E402
+from ldreg_kernels import registry  # noqa: E402
 from utils import SESSION_SEED  # noqa: E402
+
+# With LDREG_REQUIRE_EXT=1 (CI) a backend that should load here and does not is a failure,
+# not a skip: a broken extension or Triton import must not leave CI green with fewer tests.
+REQUIRED = ["cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
 
 
 def pytest_report_header(config):
     return [
         f"ldreg test seed: {SESSION_SEED} (reproduce with LDREG_TEST_SEED={SESSION_SEED})",
-        f"backends on cpu: {L.available_backends('cpu')}",
+        f"backends on cpu: {L.available_backends('cpu')}; not loaded: {registry.LOAD_ERRORS or 'none'}",
     ]
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("LDREG_REQUIRE_EXT") != "1":
+        return
+    missing = {b: registry.LOAD_ERRORS.get(b, "loaded but unavailable") for b in REQUIRED
+               if b not in L.available_backends("cpu")}
+    if missing:
+        raise pytest.UsageError(f"LDREG_REQUIRE_EXT=1 but these backends did not load: {missing}")
 
 
 # Backends run in this session: every one that loads on the CPU, plus CUDA ones on a GPU.

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ldreg_kernels as L
-from ldreg_kernels import reference
+from ldreg_kernels import reference, registry
 from utils import features, generator
 
 
@@ -36,7 +37,7 @@ def test_gradcheck_self_reference_not_detached(device_backend):
     dev, backend = device_backend
     x, _ = _inputs(backend, "self")
     x = x.detach().to(dev).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a: L.knn(a, a, 4, backend=backend)[0], (x,))
+    assert torch.autograd.gradcheck(lambda a: L.knn(a, a, 4, exclude_self=True, backend=backend)[0], (x,))
 
 
 @pytest.mark.parametrize("estimator", ["mom", "mle"])
@@ -46,9 +47,9 @@ def test_gradcheck_lid_and_loss(device_backend, estimator, reg):
     x, ref = _inputs(backend, estimator + reg)
     x, ref = x.detach().to(dev).requires_grad_(), ref.to(dev)
     ref[:14] = x.detach()  # queries inside ref: self excluded at offset 0
-    assert torch.autograd.gradcheck(lambda a: L.lid(a, ref, 6, estimator=estimator, backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda a: L.lid(a, ref, 6, estimator=estimator, exclude_self=True, backend=backend), (x,))
     assert torch.autograd.gradcheck(
-        lambda a: L.ldreg_loss(a, ref, 6, 0.7, reg=reg, estimator=estimator, backend=backend), (x,)
+        lambda a: L.ldreg_loss(a, ref, 6, 0.7, reg=reg, estimator=estimator, exclude_self=True, backend=backend), (x,)
     )
 
 
@@ -102,7 +103,7 @@ def test_low_precision_grad_dtype(device_backend, dtype):
 
 def test_opcheck_every_forward_op(device_backend):
     dev, backend = device_backend
-    op = getattr(torch.ops.ldreg, f"knn_{backend}").default
+    op = registry.resolve_backend(backend, torch.device(dev)).default
     for tag, excl, off in [("a", False, 0), ("b", True, 3)]:
         g = generator("opcheck", backend, tag)
         x = features(12, 7, g, torch.float64).to(dev).requires_grad_()
@@ -111,14 +112,60 @@ def test_opcheck_every_forward_op(device_backend):
         torch.library.opcheck(op, (x.detach().float(), ref.detach().float(), 4, off, excl))
 
 
-def test_opcheck_backward_op():
-    g = generator("opcheck-bwd")
-    x = features(12, 7, g, torch.float64)
-    ref = features(20, 7, g, torch.float64)
+def test_opcheck_every_backward_op(device_backend):
+    dev, backend = device_backend
+    op = getattr(torch.ops.ldreg, registry.BACKENDS[backend].backward).default
+    g = generator("opcheck-bwd", backend)
+    x = features(12, 7, g, torch.float64).to(dev)
+    ref = features(20, 7, g, torch.float64).to(dev)
     d, i = L.knn(x, ref, 4, exclude_self=False, backend="torch")
-    gd = torch.randn(d.shape, generator=g, dtype=torch.float64)
+    gd = torch.randn(d.shape, generator=g, dtype=torch.float64).to(dev)
     for need_ref in (False, True):
-        torch.library.opcheck(torch.ops.ldreg.knn_backward.default, (gd, x, ref, i, d, need_ref))
+        torch.library.opcheck(op, (gd, x, ref, i, d, need_ref))
+
+
+class _OpLog(TorchDispatchMode):
+    """Records every ldreg op the dispatcher runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "ldreg":
+            self.ops.append(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_follows_forward(device_backend, monkeypatch):
+    """Each backend's autograd runs its own backward op, and only that one."""
+    dev, backend = device_backend
+    g = generator("bwd-follows", backend)
+    x = features(40, 9, g).to(dev).requires_grad_()
+    ref = features(70, 9, g).to(dev).requires_grad_()
+    d, _ = L.knn(x, ref, 5, exclude_self=False, backend=backend)
+    with _OpLog() as log:
+        d.sum().backward()
+    assert log.ops == [registry.BACKENDS[backend].backward], log.ops
+    assert x.grad is not None and ref.grad is not None
+
+
+def test_python_backward_kernels_run(monkeypatch):
+    """The Python backward ops call their own kernels (wrapped here to count calls)."""
+    from ldreg_kernels.backends import torch as torch_backend
+
+    impls = [(torch_backend, "knn_backward", "torch")]
+    if "triton" in L.available_backends("cpu"):
+        from ldreg_kernels.backends.triton import knn_bwd
+
+        impls.append((knn_bwd, "knn_backward", "triton"))
+    for module, attr, backend in impls:
+        calls = []
+        orig = getattr(module, attr)
+        monkeypatch.setattr(module, attr, lambda *a, _o=orig: calls.append(1) or _o(*a))
+        x = features(30, 6, generator("bwd-count", backend)).requires_grad_()
+        L.ldreg_loss(x, k=4, backend=backend).backward()
+        assert calls == [1], backend
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -62,13 +62,13 @@ def test_two_ranks_equal_one_process(ranks, backend, mode, config):
     n = sum(sizes)
     X = make_batch(sizes).requires_grad_()
     ref = None if mode == "global" else X
-    lids = L.lid(X, ref, K, estimator=est, backend=backend)
+    lids = L.lid(X, ref, K, estimator=est, exclude_self=True, backend=backend)
     losses = [regularizer(lids[rank_slice(sizes, r)], BETA, reg) for r in range(WORLD)]
     total = sum(losses[r] * (sizes[r] / n) for r in range(WORLD))
     (grad,) = torch.autograd.grad(total, X)
     d1, i1 = L.knn(X.detach(), None, K, backend=backend)
     if reg == "l1" and len(set(sizes)) == 1:
-        _close(total.detach(), L.ldreg_loss(X, ref, K, BETA, estimator=est, backend=backend).detach(), "l1 loss")
+        _close(total.detach(), L.ldreg_loss(X, ref, K, BETA, estimator=est, exclude_self=True, backend=backend).detach(), "l1 loss")
     for r in range(WORLD):
         got, s = ranks[r]["results"][backend, mode, config], rank_slice(sizes, r)
         tag = f"rank {r} {backend} {mode} {config}"
@@ -130,7 +130,8 @@ def test_invalid_argument_on_one_rank_raises_on_every_rank(ranks):
 def test_global_without_process_group_is_the_batch(device_backend):
     dev, backend = device_backend
     x = make_batch((9,)).to(dev).requires_grad_()
-    for fn in (lambda r: L.knn(x, r, 3, backend=backend)[0], lambda r: L.ldreg_loss(x, r, 3, backend=backend)):
+    for fn in (lambda r: L.knn(x, r, 3, exclude_self=True, backend=backend)[0],
+               lambda r: L.ldreg_loss(x, r, 3, exclude_self=True, backend=backend)):
         assert torch.equal(fn("global"), fn(None))
         a, b = fn("global_grad"), fn(x)
         assert torch.equal(a, b)

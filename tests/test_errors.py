@@ -36,9 +36,23 @@ def test_bad_k_offset_backend(kwargs, exc, msg):
 
 
 def test_k_limit_with_separate_ref():
-    _raises(ValueError, "k=20 exceeds the N - 1 = 19", L.knn, X, REF, 20)
-    _raises(ValueError, "k=21 exceeds the N = 20 reference rows", L.knn, X, REF, 21, exclude_self=False)
-    assert L.knn(X, REF, 20, exclude_self=False)[0].shape == (10, 20)
+    _raises(ValueError, "k=20 exceeds the N - 1 = 19", L.knn, X, REF, 20, exclude_self=True)
+    _raises(ValueError, "k=21 exceeds the N = 20 reference rows", L.knn, X, REF, 21)
+    assert L.knn(X, REF, 20)[0].shape == (10, 20)
+
+
+def test_exclude_self_defaults_to_ref_is_none():
+    """A tensor ref (a memory bank) keeps every row; None excludes each query's own row."""
+    bank = torch.cat([X, REF])
+    d, i = L.knn(X, bank, 3, backend="torch")
+    assert (i[:, 0] == torch.arange(10)).all() and (d[:, 0] == 0).all()  # the query's copy in the bank
+    d, i = L.knn(X, None, 3, backend="torch")
+    assert not (i == torch.arange(10).unsqueeze(1)).any()
+    d2, i2 = L.knn(X, X, 3, exclude_self=True, backend="torch")
+    assert torch.equal(i, i2) and torch.equal(d, d2)
+    _raises(ValueError, "self_offset=3 needs exclude_self=True: with a tensor ref, exclude_self defaults to "
+            "False since 0.2.0", L.knn, X, bank, 3, self_offset=3)
+    _raises(TypeError, "exclude_self must be a bool or None, got int", L.knn, X, bank, 3, exclude_self=1)
 
 
 @pytest.mark.parametrize(
@@ -111,25 +125,25 @@ def test_module_rejects_bad_backend_and_k_type():
 
 
 def test_explicit_unavailable_backend_says_why(monkeypatch):
-    from ldreg_kernels import ops
+    from ldreg_kernels import registry
 
     def broken():
         raise ImportError("compiled module not built")
 
-    monkeypatch.setitem(ops.BACKENDS, "fake", ops.Backend("fake", ("cpu",), broken))
+    monkeypatch.setitem(registry.BACKENDS, "fake", registry.Backend("fake", ("cpu",), broken))
     _raises(RuntimeError, "backend 'fake' is not available: compiled module not built", L.knn, X, k=2, backend="fake")
-    monkeypatch.setitem(ops.BACKENDS, "gpuonly", ops.Backend("gpuonly", ("cuda",), lambda: None))
+    monkeypatch.setitem(registry.BACKENDS, "gpuonly", registry.Backend("gpuonly", ("cuda",), lambda: None))
     _raises(RuntimeError, "backend 'gpuonly' runs on ['cuda'], not on cpu tensors", L.knn, X, k=2, backend="gpuonly")
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    from ldreg_kernels import ops
+    from ldreg_kernels import registry
 
     def broken():
         raise ImportError("not built")
 
-    monkeypatch.setitem(ops.BACKENDS, "cpu", ops.Backend("cpu", ("cpu",), broken))
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setitem(registry.BACKENDS, "cpu", registry.Backend("cpu", ("cpu",), broken))
+    monkeypatch.setattr(registry, "_warned", set())
     with pytest.warns(UserWarning, match=re.escape("backend 'cpu' unavailable (not built); falling back")):
         d_auto, _ = L.knn(X, k=3)
     d_torch, _ = L.knn(X, k=3, backend="torch")

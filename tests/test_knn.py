@@ -17,7 +17,7 @@ def test_random_shapes_match_oracle(device_backend, dtype, trial):
     g = generator("knn", backend, dtype, trial)
     case = random_case(g)
     x, ref = make_inputs(case, g, dtype)
-    dist, idx = L.knn(x.to(dev), ref.to(dev), case["k"], self_offset=case["self_offset"], backend=backend)
+    dist, idx = L.knn(x.to(dev), ref.to(dev), case["k"], exclude_self=True, self_offset=case["self_offset"], backend=backend)
     assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     checked = assert_knn_matches(dist.cpu(), idx.cpu(), x, ref, case["k"], self_offset=case["self_offset"])
     assert checked > 0.5, f"gap check covered only {checked:.0%} of rows: {case}"
@@ -106,16 +106,16 @@ def test_backends_agree_with_each_other():
 
 def test_torch_backend_chunking_is_invisible(monkeypatch):
     """Tiny chunk budgets force many chunks; the result must not change."""
-    from ldreg_kernels import torch_impl
+    from ldreg_kernels import _host
 
     g = generator("chunks")
     x = features(53, 21, g, torch.float64)
     ref = features(97, 21, g, torch.float64)
     ref[10:63] = x
-    want = L.knn(x, ref, 6, self_offset=10, backend="torch")
-    monkeypatch.setattr(torch_impl, "_SCORE_ELEMS", 100)
-    monkeypatch.setattr(torch_impl, "_GATHER_ELEMS", 50)
-    got = L.knn(x, ref, 6, self_offset=10, backend="torch")
+    want = L.knn(x, ref, 6, exclude_self=True, self_offset=10, backend="torch")
+    monkeypatch.setattr(_host, "SCORE_ELEMS", 100)
+    monkeypatch.setattr(_host, "GATHER_ELEMS", 50)
+    got = L.knn(x, ref, 6, exclude_self=True, self_offset=10, backend="torch")
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 

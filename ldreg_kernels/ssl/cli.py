@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ops import BACKENDS
+from ..registry import BACKENDS
 from . import dist
 from .data import DATASETS
 from .train import TrainConfig, Trainer, TrainingDiverged

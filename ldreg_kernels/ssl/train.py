@@ -184,7 +184,7 @@ class Trainer:
         active = self.ldreg_active(self.epoch)
         with torch.set_grad_enabled(active):
             lids = lid(out.queries if active else out.queries.detach(), ref, cfg.k, estimator=cfg.estimator,
-                       self_offset=offset, backend=cfg.backend)
+                       exclude_self=True, self_offset=offset, backend=cfg.backend)
         reg = regularizer(lids, cfg.beta_value, cfg.reg) if active else torch.zeros((), device=self.device)
         loss = out.loss + reg
         if not bool(torch.isfinite(loss)):

@@ -1,10 +1,10 @@
-"""Triton backend: fused distance + streaming top-k forward, exact re-rank, and kernels for
-the backward and the LID epilogue.
+"""The "triton" backend: fused distance + streaming top-k forward, exact re-rank, and a
+Triton backward.
 
-Importing this module defines the op ``ldreg::knn_triton`` (schema in ``ops.py``) through
-``ops.define_knn_op``, which adds the shared fake kernel, autograd (``ldreg::knn_backward``)
-and NaN/Inf check. It imports without a GPU; the kernels then run only under
-``TRITON_INTERPRET=1`` (CPU tensors, slow: tests).
+Importing this module defines ``ldreg::knn_triton`` and ``ldreg::knn_backward_triton``
+through ``ldreg_kernels._op`` (fake kernels, NaN/Inf check, autograd running the Triton
+backward). It imports without a GPU; the kernels then run only under ``TRITON_INTERPRET=1``
+(CPU tensors, slow: tests). ImportError means Triton is missing or too old.
 
 The selection precision ("ieee", "tf32", "tf32x3", "bf16") is a module-level setting, since
 the op schema is fixed: ``set_precision``, ``selection_precision`` (context manager), or the
@@ -14,24 +14,26 @@ whatever the setting.
 
 from __future__ import annotations
 
-import triton  # noqa: F401  (ImportError here tells ops.py the backend is unavailable)
+import os
 
-from ..ops import define_knn_op
+import torch
+
+import triton  # noqa: F401  (ImportError: the registry records the backend as unavailable)
+
+from ..._op import Backend, define_backward_op, define_knn_op
 from . import _compat
 
 _compat.apply()
 
-from .knn_bwd import knn_backward
-from .knn_fwd import (
+from . import knn_bwd, knn_fwd  # noqa: E402
+from .knn_fwd import (  # noqa: E402
     MAX_KP,
     PRECISIONS,
     get_precision,
-    knn_forward,
     select_candidates,
     selection_precision,
     set_precision,
 )
-from .lid_epilogue import lid_from_distances
 
 __all__ = [
     "MAX_KP",
@@ -39,16 +41,16 @@ __all__ = [
     "get_precision",
     "set_precision",
     "selection_precision",
-    "knn_forward",
     "select_candidates",
-    "knn_backward",
-    "lid_from_distances",
-    "knn_triton",
+    "BACKENDS",
 ]
 
+# Module attributes looked up per call, so a test can wrap them to prove which kernel ran.
+knn_backward_triton = define_backward_op("triton", lambda *a: knn_bwd.knn_backward(*a))
+knn_triton = define_knn_op(
+    "triton", lambda x, ref, k, off, excl: knn_fwd.knn_forward(x, ref, k, off, excl), knn_backward_triton
+)
 
-def _forward(x, ref, k, self_offset, exclude_self):
-    return knn_forward(x, ref, k, self_offset, exclude_self)
-
-
-knn_triton = define_knn_op("triton", _forward)
+# Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slow: tests only).
+_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+BACKENDS = (Backend("triton", _DEVICES, lambda: torch.ops.ldreg.knn_triton, "knn_backward_triton"),)

@@ -1,13 +1,13 @@
 """Triton backward of the kNN distances: grad_x and (optionally) grad_ref by atomic scatter.
 
 For the k selected neighbours of each query, with c_ij = g_ij / r_ij (0 where r_ij == 0,
-the subgradient torch.cdist and ``torch_impl.knn_backward`` use)::
+the subgradient torch.cdist and the torch backend use)::
 
     grad_x_i   =  sum_j c_ij (x_i - ref_j)
     grad_ref_j = -sum_{i: j in N(i)} c_ij (x_i - ref_j)      (atomic adds)
 
 Direct differences, never ``sum(c) x_i - sum(c ref_j)``. Accumulated in the distances'
-dtype (fp32, fp64 for fp64 input) and cast back to the input dtype, as torch_impl does.
+dtype (fp32, fp64 for fp64 input) and cast back to the input dtype, as the torch backend does.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _knn_bwd_kernel(
 def knn_backward(
     grad_dist: Tensor, x: Tensor, ref: Tensor, idx: Tensor, dist: Tensor, need_ref_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Same contract as ``torch_impl.knn_backward``: (grad_x, grad_ref or None)."""
+    """Same contract as the torch backend's ``knn_backward``: (grad_x, grad_ref or None)."""
     ct = dist.dtype
     b, d = x.shape
     k = idx.shape[1]

@@ -16,16 +16,15 @@ key cannot enter any row's buffer is skipped. Invalid columns (ragged edge, the 
 row, excluded by index) get the key ``INT64_MAX`` and are never selected.
 
 The host side (``knn_forward``) then re-ranks the candidates with exact direct-difference
-distances (``torch_impl.rerank``: fp32 accumulate, fp64 for fp64 input) and applies the
-same near-tie safety net as ``torch_impl.knn_forward``, with an error bound that accounts for
-the selection precision. Rows the net catches are selected again with ``"ieee"`` precision
-(when a faster precision was used) and, if still ambiguous, exhaustively.
+distances (``_host.rerank``: fp32 accumulate, fp64 for fp64 input) and applies the
+certificate of ``_host.certificate_coef`` for the selection precision. Rows it cannot prove
+exact are selected again with ``"ieee"`` precision (when a faster precision was used) and,
+if still uncertified, exhaustively (``_host.exhaustive``, bounded memory).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
@@ -33,7 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import torch_impl
+from ... import _host
+from .. import torch as torch_backend
 
 __all__ = [
     "PRECISIONS",
@@ -46,17 +46,10 @@ __all__ = [
 
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 
-# Unit roundoff of the selection inputs per precision (tf32 taken as truncation, 2^-10, since
-# tensor cores may truncate); "ieee" adds none. Used by the safety net's error bound.
-_INPUT_ROUNDOFF = {"ieee": 0.0, "tf32": 2.0**-10, "tf32x3": 2.0**-20, "bf16": 2.0**-8}
-_EPS32 = torch.finfo(torch.float32).eps
-
 # Smallest candidate buffer (= reference tile width BLOCK_N): narrower tiles waste tl.dot.
 MIN_KP = 64
 # Candidate buffers wider than this fall back to the chunked torch selection (k > ~1600).
 MAX_KP = 2048
-
-_INT64_MAX = 0x7FFFFFFFFFFFFFFF
 
 
 def _interpreting() -> bool:
@@ -155,7 +148,7 @@ def _knn_select_kernel(
         bits = score.to(tl.int32, bitcast=True)
         skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # integer order == float order
         key = (skey.to(tl.int64) << 32) | cols64[None, :]
-        invalid = (cols[None, :] >= N) | (rows[:, None] < 0)
+        invalid = (cols[None, :] >= N) | (rows[:, None] >= B)
         if EXCLUDE:
             invalid = invalid | (cols64[None, :] == own[:, None])
         key = tl.where(invalid, 0x7FFFFFFFFFFFFFFF, key)
@@ -207,9 +200,7 @@ def _decode(keys: Tensor) -> tuple[Tensor, Tensor]:
     return idx, score
 
 
-def select_candidates(
-    xs: Tensor, rs: Tensor, sq_ref: Tensor, own: Tensor | None, kp: int, precision: str, block_d: int | None = None
-) -> Tensor:
+def select_candidates(xs: Tensor, rs: Tensor, sq_ref: Tensor, own: Tensor | None, kp: int, precision: str) -> Tensor:
     """Packed keys (B, kp), ascending, of the kp smallest scores |r|^2 - 2 x.r per row.
 
     ``xs``/``rs`` are the centred fp32 features (cast to bf16 here for "bf16"); ``own`` (B,)
@@ -225,8 +216,6 @@ def select_candidates(
     if b == 0:
         return keys
     cfg = _config(kp, d, bf16)
-    if block_d is not None:
-        cfg["BLOCK_D"] = block_d
     own_t = own if own is not None else torch.empty(1, dtype=torch.int64, device=xs.device)
     grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
     _knn_select_kernel[grid](
@@ -248,11 +237,11 @@ def knn_forward(
     precision: str | None = None,
     margin: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(dist, idx), (B, k): same contract as ``torch_impl.knn_forward``, selection in Triton.
+    """(dist, idx), (B, k): same contract as the torch backend's, selection in Triton.
 
     Args:
         precision: selection precision (default: ``get_precision()``).
-        margin: extra candidates past k (default ``torch_impl.default_margin(k)``); the buffer
+        margin: extra candidates past k (default ``_host.default_margin(k)``); the buffer
             is rounded up to a power of two, so usually more are kept.
     """
     precision = get_precision() if precision is None else precision
@@ -260,37 +249,36 @@ def knn_forward(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     b, n = x.shape[0], ref.shape[0]
     n_valid = n - int(exclude_self)
-    m = torch_impl.default_margin(k) if margin is None else margin
+    m = _host.default_margin(k) if margin is None else margin
     kp = max(MIN_KP, _next_pow2(min(k + m, n_valid)))
     if kp > MAX_KP:
         # Large k: the register-resident buffer would spill badly; use the chunked torch path.
-        return torch_impl.knn_forward(x, ref, k, self_offset, exclude_self, margin)
-    xs, rs, sq_x, sq_ref = torch_impl.centred(x, ref)
+        return torch_backend.knn_forward(x, ref, k, self_offset, exclude_self, margin)
+    xs, rs, sq_x, sq_ref = _host.centred(x, ref)
     own = torch.arange(b, device=x.device) + self_offset if exclude_self else None
     rows = torch.arange(b, device=x.device)
     return _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, kp, n_valid, precision)
 
 
 def _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, kp, n_valid, precision):
-    """Select + exact re-rank for the query rows ``rows``; ambiguous rows cascade."""
+    """Select + exact re-rank for the query rows ``rows``; uncertified rows cascade."""
     xr = x[rows]
     keys = select_candidates(xs[rows], rs, sq_ref, None if own is None else own[rows], kp, precision)
     n_cand = min(kp, n_valid)
     cand, score = _decode(keys[:, :n_cand])
-    dist, idx = torch_impl.rerank(xr, ref, cand, k)
+    dist, idx = _host.rerank(xr, ref, cand, k)
     if n_cand < n_valid and rows.numel():
         ct = sq_x.dtype
         bound = score[:, -1].to(ct) + sq_x[rows]  # approx. squared distance of the last candidate
-        u_in = _INPUT_ROUNDOFF[precision] + (2.0**-24 if ct == torch.float64 else 0.0)
-        # Accumulation/norm rounding as torch_impl bounds it (fp32 here, whatever the input),
-        # plus the rounding of the selection inputs: |2 x.r err| <= 4u|x||r| <= 2u(|x|^2+|r|^2).
-        coef = 8 * _EPS32 * math.sqrt(xs.shape[1]) + 4 * u_in
-        err = coef * (sq_x[rows] + sq_ref.max())
-        redo = torch.nonzero(dist[:, -1].to(ct) ** 2 >= bound - err).flatten()
+        # Selection accumulates in fp32 whatever the input; fp64 input is rounded to fp32
+        # (one unit) on top of the precision's own input rounding.
+        unit = _host.INPUT_UNIT[precision] + (_host.FP32_EPS if ct == torch.float64 else 0.0)
+        coef = _host.certificate_coef(xs.shape[1], _host.FP32_EPS, unit)
+        redo = _host.redo_rows(dist[:, -1], bound, sq_x[rows], sq_ref.max(), coef)
         if redo.numel():
             if precision != "ieee":
                 d2, i2 = _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows[redo], k, kp, n_valid, "ieee")
             else:
-                d2, i2 = torch_impl._exhaustive(xr[redo], ref, k, None if own is None else own[rows[redo]])
+                d2, i2 = _host.exhaustive(xr[redo], ref, k, None if own is None else own[rows[redo]])
             dist[redo], idx[redo] = d2.to(dist.dtype), i2
     return dist, idx

@@ -1,0 +1,229 @@
+"""Host-side helpers every kNN backend shares, and the one exactness certificate.
+
+Backends select candidates with a fast, inexact score (``|r|^2 - 2 x.r`` from a matmul,
+possibly on TF32/bf16 inputs), then re-rank them with exact direct differences. Whether that
+re-rank is provably the exact answer is decided here, once, by :func:`certificate_coef` and
+:func:`redo_rows`; rows it cannot certify are redone by :func:`exhaustive`, whose memory is
+bounded whatever the data (a collapsed batch sends every row there).
+
+The C++ kernels carry the same certificate and margin inline in ``csrc/knn.h``; the ops
+``ldreg::certificate_coef`` and ``ldreg::default_margin`` export them so a test checks both
+agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Element budgets per chunk. Score tiles (chunk x N) feed a matmul and topk: 1M fp32 =
+# 4 MiB (as fast as 4M on the 2-core CPU at B=N=4096, and a quarter of the memory). Gathered neighbour rows (chunk x m x D) are memory-bound: 512K elements stay in
+# cache, measured 5x faster than 16M on the 2-core CPU at B=2048, D=256, 80 candidates.
+SCORE_ELEMS = 1 << 20
+GATHER_ELEMS = 1 << 17
+# The exhaustive redo holds (rows x (k + cols)) distances, keys and sort buffers, ~28 bytes
+# an element: 256K elements keep it near 7 MiB on the host; GPUs get 16x that for throughput.
+EXHAUSTIVE_ELEMS = {"cpu": 1 << 17}
+EXHAUSTIVE_ELEMS_DEFAULT = 1 << 22
+
+# Relative error of rounding one selection input to the selection format, per Triton/cuBLAS
+# selection precision. Conservative: TF32 taken as truncation to 10 mantissa bits (some
+# tensor-core paths truncate), bf16 as one unit of its 8-bit significand, 3xTF32 as the
+# hi + lo split of two truncations (|x - hi - lo| <= 2^-20 |x|) plus the dropped lo*lo
+# product (<= 2^-20 |x||r|), i.e. <= 3 * 2^-20 per product = 2 * (1.5 * 2^-20) -> 2^-19.
+INPUT_UNIT = {"ieee": 0.0, "tf32": 2.0**-10, "tf32x3": 2.0**-19, "bf16": 2.0**-8}
+FP32_EPS = 2.0**-23
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Distances are computed and returned in float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_margin(k: int) -> int:
+    """Extra candidates kept past k: a wider candidate set makes the certificate pass more
+    often (the k-th distance is further from the last candidate's). Same as csrc/knn.h."""
+    return max(8, k // 4)
+
+
+def row_chunk(n_rows: int, elems_per_row: int, budget: int) -> int:
+    """Rows per chunk so that chunk * elems_per_row stays under ``budget`` elements."""
+    return max(1, min(n_rows, budget // max(1, elems_per_row)))
+
+
+def certificate_coef(dim: int, acc_unit: float, input_unit: float = 0.0) -> float:
+    """Coefficient c of the certificate: a row's k-th neighbour is proven exact unless
+    ``w^2 >= bound - c * (|x|^2 + max_j |r_j|^2)``.
+
+    Notation: x and r_j are the centred query and reference rows (centred on the reference
+    mean, in the compute dtype), D = ``dim``, u = ``acc_unit`` (the machine epsilon, one full
+    ulp, of the arithmetic that accumulates the scores and the exact distances: 2^-23 for
+    fp32, 2^-52 for fp64; a full ulp rather than half so that truncating adders, as in
+    tensor cores, are covered), v = ``input_unit`` (the relative rounding of a selection
+    input to the selection format; 0 when the matmul reads the inputs as they are).
+    A = |x|^2 + max_j |r_j|^2, so 2|x||r_j| <= A, |r_j|^2 <= A and d_j^2 <= 2A.
+    ``bound`` = (largest approximate score kept) + |x|^2; every reference row left out of
+    the candidates has an approximate score at least that large, w is the k-th exact
+    distance found among the candidates.
+
+    Error of a left-out row's true squared distance d_j^2 below ``bound`` (standard model of
+    floating-point arithmetic, gamma_n <= n u; Higham, Accuracy and Stability, ch. 3):
+
+    - centring, x - mu and r - mu each rounded once: |d^2(centred) - d^2| <= 2u(|x| + |r|)^2
+      <= 4u A;
+    - rounding of the selection inputs (TF32, bf16, ...): |x~.r~ - x.r| <= (2v + v^2)
+      sum|x_i r_i| <= (2v + v^2)|x||r| (Cauchy-Schwarz), doubled by the -2 x.r: (2v + v^2) A;
+    - the dot product's accumulation, any summation order: <= D u (1 + v)^2 |x||r|,
+      doubled: D u (1 + v)^2 A;
+    - the norms |r_j|^2 and |x|^2: D u (|x|^2 + |r|^2) <= D u A;
+    - score |r|^2 - 2x.r, then + |x|^2, then bound - c A: three roundings of values <= 2A:
+      6u A.
+
+    Error of the exact k-th distance w above its computed value: differences, squares, a
+    D-term sum, sqrt, and squaring again: (D + 6) u w^2, with w^2 < bound <= 2A(1 + ...)
+    whenever the certificate passes: 2(D + 6) u A.
+
+    Total: ((4D + 22)(1 + v)^2 u + 2v + v^2) A. Second-order terms (products of two of the
+    above, gamma_n versus n u, the rounding of A itself) are absorbed by a factor 17/16,
+    valid while D u <= 1/64 and v <= 2^-8; past that (fp32 with D > 131072) the coefficient
+    is infinite and every row is redone exhaustively.
+
+    The bound is rigorous (worst case, not probabilistic): if the certificate passes, no
+    left-out reference row can be closer than, or tie with, the k-th neighbour, so the
+    re-ranked answer, lower-index tie-break included, is the exact one. It is loose by
+    about sqrt(D) against typical rounding, which costs only redos on rows whose k-th and
+    (k + margin)-th distances nearly coincide.
+
+    Args:
+        dim: feature dimension D.
+        acc_unit: machine epsilon of the accumulation (``torch.finfo(dtype).eps``).
+        input_unit: a value of :data:`INPUT_UNIT` for the selection precision.
+
+    Returns:
+        c, or ``inf`` where the first-order model does not hold.
+    """
+    u, v = float(acc_unit), float(input_unit)
+    if dim * u > 1.0 / 64 or v > 2.0**-8:
+        return math.inf
+    return 17.0 / 16.0 * ((4 * dim + 22) * (1 + v) ** 2 * u + 2 * v + v * v)
+
+
+def redo_rows(w: Tensor, bound: Tensor, sq_x: Tensor, max_sq_ref: Tensor | float, coef: float) -> Tensor:
+    """Indices of the rows the certificate cannot prove exact (see :func:`certificate_coef`).
+
+    Args:
+        w: (R,) k-th exact distance per row.
+        bound: (R,) approximate squared distance of the last candidate kept per row.
+        sq_x: (R,) |x|^2 of the centred queries; ``max_sq_ref``: max_j |r_j|^2.
+        coef: :func:`certificate_coef` for this selection.
+    """
+    if math.isinf(coef):
+        return torch.arange(bound.shape[0], device=bound.device)
+    ct = bound.dtype
+    err = coef * (sq_x.to(ct) + max_sq_ref)
+    return torch.nonzero(w.to(ct) ** 2 >= bound - err).flatten()
+
+
+def round_to_tf32(t: Tensor) -> Tensor:
+    """fp32 values truncated to TF32's 10 mantissa bits: what a TF32 matmul reads.
+
+    Emulates TF32 selection where the hardware has none (CPU, the Triton interpreter), with
+    the truncation model the certificate assumes.
+    """
+    return (t.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def centred(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x - mu, ref - mu, |x - mu|^2, |ref - mu|^2) in the compute dtype, mu = ref's mean.
+
+    Distances are translation invariant: centring on the reference mean shrinks |x|^2 and
+    |r|^2, and with them the certificate's error (it scales with A). Half inputs are
+    selected in fp32 (fp16 |r|^2 overflows at |r| ~ 256).
+    """
+    ct = compute_dtype(x.dtype)
+    mu = ref.to(ct).mean(dim=0)
+    xs, rs = x.to(ct) - mu, ref.to(ct) - mu
+    return xs, rs, (xs * xs).sum(dim=1), (rs * rs).sum(dim=1)
+
+
+def exact_distances(x: Tensor, ref: Tensor, idx: Tensor) -> Tensor:
+    """||x_i - ref[idx_ij]|| as direct differences, (B, m), in the compute dtype, chunked."""
+    out = torch.empty(idx.shape, dtype=compute_dtype(x.dtype), device=x.device)
+    step = row_chunk(idx.shape[0], idx.shape[1] * x.shape[1], GATHER_ELEMS)
+    for s in range(0, idx.shape[0], step):
+        xc = x[s : s + step].to(out.dtype)
+        diff = xc.unsqueeze(1) - ref[idx[s : s + step]].to(out.dtype)
+        out[s : s + step] = torch.linalg.vector_norm(diff, dim=2)
+    return out
+
+
+def rerank(x: Tensor, ref: Tensor, cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact distances of candidate indices (B, m), the k smallest, ties to the lower index."""
+    cand, _ = torch.sort(cand, dim=1)
+    d = exact_distances(x, ref, cand)
+    d, order = torch.sort(d, dim=1, stable=True)
+    return d[:, :k].contiguous(), torch.gather(cand, 1, order[:, :k])
+
+
+def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Exact kNN of every row of ``x`` against all of ``ref`` (direct differences), skipping
+    reference row ``own[i]`` for query i; ties to the lower index.
+
+    Streams the reference in column blocks with a running (rows, k) best list, so memory is
+    O(EXHAUSTIVE_ELEMS) however many rows need it (a collapsed batch sends all of them).
+    Distances come from ``torch.cdist`` without the matmul expansion (no rows x N x D
+    temporary). A reference with many exact duplicates (a collapsed batch, the case that
+    needs this most) is deduplicated first: a duplicate's distance is the same computation
+    on the same operands, so distances to the distinct rows, spread back, are identical.
+    float32 distances are non-negative, so their bits order like the values and
+    ``(bits << 32) | index`` is one int64 key in (distance, index) order: a topk of keys
+    selects exactly, ties included, at a fraction of a stable sort's cost.
+    """
+    b, n = x.shape[0], ref.shape[0]
+    ct = compute_dtype(x.dtype)
+    dist = torch.empty((b, k), dtype=ct, device=x.device)
+    idx = torch.empty((b, k), dtype=torch.int64, device=x.device)
+    if b == 0:
+        return dist, idx
+    budget = EXHAUSTIVE_ELEMS.get(x.device.type, EXHAUSTIVE_ELEMS_DEFAULT)
+    cols = max(k, min(n, budget // 8))
+    step = row_chunk(b, k + cols, budget)
+    refc = ref.to(ct)
+    uniq, inv = torch.unique(refc, dim=0, return_inverse=True)
+    if 2 * uniq.shape[0] > n:
+        uniq = inv = None
+    for s in range(0, b, step):
+        xc = x[s : s + step].to(ct)
+        r = xc.shape[0]
+        if uniq is not None:
+            du = torch.cdist(xc, uniq, compute_mode="donot_use_mm_for_euclid_dist")
+        best = torch.empty((r, 0), dtype=torch.int64 if ct == torch.float32 else ct, device=x.device)
+        best_i = torch.empty((r, 0), dtype=torch.int64, device=x.device)
+        for j0 in range(0, n, cols):
+            blk = refc[j0 : j0 + cols]
+            if uniq is None:
+                d = torch.cdist(xc, blk, compute_mode="donot_use_mm_for_euclid_dist")
+            else:
+                d = du[:, inv[j0 : j0 + cols]]
+            if own is not None:
+                col = own[s : s + step] - j0
+                hit = torch.nonzero((col >= 0) & (col < blk.shape[0])).flatten()
+                d[hit, col[hit]] = float("inf")
+            j = torch.arange(j0, j0 + blk.shape[0], device=x.device)
+            if ct == torch.float32:
+                keys = (d.view(torch.int32).to(torch.int64) << 32) | j
+                best = torch.topk(torch.cat([best, keys], dim=1), k, dim=1, largest=False).values
+            else:
+                # float64: no room for the index in the key. Earlier blocks hold lower
+                # indices, so a stable sort of [best, block] is the (distance, index) order.
+                cd, order = torch.sort(torch.cat([best, d], dim=1), dim=1, stable=True)
+                best_i = torch.gather(torch.cat([best_i, j.expand(r, -1)], dim=1), 1, order[:, :k])
+                best = cd[:, :k]
+        if ct == torch.float32:
+            dist[s : s + step] = (best >> 32).to(torch.int32).view(torch.float32)
+            idx[s : s + step] = best & 0xFFFFFFFF
+        else:
+            dist[s : s + step], idx[s : s + step] = best, best_i
+    return dist, idx

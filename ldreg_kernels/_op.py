@@ -1,0 +1,126 @@
+"""The op framework every kNN backend plugs into: one schema, fake kernels, autograd.
+
+Every backend provides a forward op and a backward op (namespace ``ldreg``)::
+
+    knn_<name>(Tensor x, Tensor ref, int k, int self_offset, bool exclude_self)
+        -> (Tensor dist, Tensor idx)
+    knn_backward_<name>(Tensor grad_dist, Tensor x, Tensor ref, Tensor idx, Tensor dist,
+        bool need_ref_grad) -> (Tensor grad_x, Tensor grad_ref)
+
+The forward's autograd calls *its own backend's* backward op, so ``backend="triton"`` runs
+the Triton backward and ``backend="torch"`` the torch one. Python backends define both ops
+with :func:`define_knn_op`; the C++ ops (declared in ``csrc/knn.cpp``) get the same fake and
+autograd registered directly by :func:`register_native_op`, so a call makes one dispatcher
+trip. This module imports no backend: backends import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._host import compute_dtype
+from ._validate import check_finite
+
+__all__ = ["Backend", "define_knn_op", "define_backward_op", "register_native_op"]
+
+KnnImpl = Callable[[Tensor, Tensor, int, int, bool], "tuple[Tensor, Tensor]"]
+BackwardImpl = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool], "tuple[Tensor, Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named kNN implementation, as the registry sees it.
+
+    Attributes:
+        name: the ``backend=`` string.
+        devices: device types it runs on ("cpu", "cuda").
+        load: returns the forward op (schema above); raises ImportError/RuntimeError with
+            the reason when the backend cannot run here.
+        backward: name of the backward op its autograd runs (``torch.ops.ldreg.<backward>``).
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    load: Callable[[], Callable[..., "tuple[Tensor, Tensor]"]]
+    backward: str = ""
+
+
+def fake_knn(x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
+    torch._check(x.dim() == 2 and ref.dim() == 2 and x.shape[1] == ref.shape[1])
+    torch._check(k >= 1)
+    dt = compute_dtype(x.dtype)
+    return x.new_empty((x.shape[0], k), dtype=dt), x.new_empty((x.shape[0], k), dtype=torch.int64)
+
+
+def fake_backward(
+    grad_dist: Tensor, x: Tensor, ref: Tensor, idx: Tensor, dist: Tensor, need_ref_grad: bool
+) -> tuple[Tensor, Tensor]:
+    torch._check(idx.shape == dist.shape and idx.shape == grad_dist.shape)
+    torch._check(idx.shape[0] == x.shape[0])
+    gref = torch.empty_like(ref) if need_ref_grad else ref.new_empty((0, ref.shape[1]))
+    return torch.empty_like(x), gref
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, ref, _k, _off, _excl = inputs
+    dist, idx = output
+    ctx.save_for_backward(x, ref, idx, dist)
+    ctx.mark_non_differentiable(idx)
+
+
+def _autograd(backward_op) -> Callable:
+    """The forward op's backward: calls ``backward_op`` only for the inputs that need it."""
+
+    def backward(ctx, grad_dist: Tensor, _grad_idx: Tensor):
+        x, ref, idx, dist = ctx.saved_tensors
+        need_x, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_x or need_ref):
+            return None, None, None, None, None
+        gx, gref = backward_op(grad_dist.contiguous(), x, ref, idx, dist, need_ref)
+        return (gx if need_x else None), (gref if need_ref else None), None, None, None
+
+    return backward
+
+
+def define_backward_op(name: str, impl: BackwardImpl, device_types=None):
+    """Define ``ldreg::knn_backward_<name>`` from ``impl`` (which returns None for an unneeded
+    grad_ref; the op returns an empty (0, D) tensor instead)."""
+
+    def backward(
+        grad_dist: Tensor, x: Tensor, ref: Tensor, idx: Tensor, dist: Tensor, need_ref_grad: bool
+    ) -> tuple[Tensor, Tensor]:
+        gx, gref = impl(grad_dist, x, ref, idx, dist, need_ref_grad)
+        return gx, ref.new_empty((0, ref.shape[1])) if gref is None else gref
+
+    op = torch.library.custom_op(f"ldreg::knn_backward_{name}", backward, mutates_args=(), device_types=device_types)
+    op.register_fake(fake_backward)
+    return op
+
+
+def define_knn_op(name: str, impl: KnnImpl, backward_op, device_types=None):
+    """Define ``ldreg::knn_<name>`` from ``impl``, with the NaN/Inf check, the fake kernel and
+    an autograd that runs ``backward_op`` (this backend's own backward)."""
+
+    def forward(x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
+        check_finite(x, "x")
+        check_finite(ref, "ref")
+        return impl(x.contiguous(), ref.contiguous(), k, self_offset, exclude_self)
+
+    op = torch.library.custom_op(f"ldreg::knn_{name}", forward, mutates_args=(), device_types=device_types)
+    op.register_fake(fake_knn)
+    op.register_autograd(_autograd(backward_op), setup_context=_setup_context)
+    return op
+
+
+def register_native_op(forward: str, backward: str) -> None:
+    """Fake kernels and autograd for C++ ops declared with the schemas above (the C++ kernels
+    check NaN/Inf themselves)."""
+    torch.library.register_fake(f"ldreg::{forward}")(fake_knn)
+    torch.library.register_fake(f"ldreg::{backward}")(fake_backward)
+    torch.library.register_autograd(
+        f"ldreg::{forward}", _autograd(getattr(torch.ops.ldreg, backward)), setup_context=_setup_context
+    )

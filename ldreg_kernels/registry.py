@@ -1,0 +1,108 @@
+"""Which kNN backends loaded here (and why not), and which one ``backend=`` picks.
+
+The "reference" and "torch" backends always load. The optional ones ("cpu"/"cuda" from the
+C++ extension, "triton") are imported here; only ImportError is caught, and its message is
+kept as the reason an explicit request gets. Any other error in their code propagates.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._op import Backend
+from .backends import reference as _reference
+from .backends import torch as _torch
+
+__all__ = ["Backend", "BACKENDS", "LOAD_ERRORS", "register_backend", "resolve_backend", "available_backends"]
+
+BACKENDS: dict[str, Backend] = {}
+# Optional backend name -> why it did not load.
+LOAD_ERRORS: dict[str, str] = {}
+# "auto" tries these in order, per device type; the first that loads wins.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_warned: set[str] = set()
+
+
+def register_backend(backend: Backend) -> None:
+    """Add or replace a backend in the registry."""
+    BACKENDS[backend.name] = backend
+
+
+def _unavailable(reason: str) -> Callable[[], None]:
+    def load():
+        raise ImportError(reason)
+
+    return load
+
+
+for _b in _reference.BACKENDS + _torch.BACKENDS:
+    register_backend(_b)
+
+try:
+    from .backends import native as _native
+except ImportError as e:
+    for _name, _devs in (("cpu", ("cpu",)), ("cuda", ("cuda",))):
+        LOAD_ERRORS[_name] = str(e)
+        register_backend(Backend(_name, _devs, _unavailable(str(e))))
+else:
+    for _b in _native.BACKENDS:
+        register_backend(_b)
+
+try:
+    from .backends import triton as _triton
+except ImportError as e:
+    _why = f"{type(e).__name__}: {e}"
+    LOAD_ERRORS["triton"] = _why
+    _devs = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+    register_backend(Backend("triton", _devs, _unavailable(_why)))
+else:
+    for _b in _triton.BACKENDS:
+        register_backend(_b)
+
+
+def _try_load(backend: Backend):
+    try:
+        return backend.load(), None
+    except (ImportError, RuntimeError, OSError) as e:
+        return None, str(e)
+
+
+def resolve_backend(name: str, device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The forward op for ``backend=name`` on ``device``.
+
+    "auto" picks the first loadable backend of the device's preference list and quietly
+    falls back (warning once) when a preferred one fails to load; a backend named
+    explicitly that cannot run raises with the reason.
+    """
+    if name == "auto":
+        for cand in AUTO_ORDER.get(device.type, ("torch",)):
+            b = BACKENDS.get(cand)
+            if b is None or device.type not in b.devices:
+                continue
+            op, why = _try_load(b)
+            if op is not None:
+                return op
+            if cand not in _warned:
+                _warned.add(cand)
+                warnings.warn(f"ldreg_kernels: backend {cand!r} unavailable ({why}); falling back", stacklevel=3)
+        return torch.ops.ldreg.knn_torch
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
+    b = BACKENDS[name]
+    if device.type not in b.devices:
+        raise RuntimeError(f"backend {name!r} runs on {list(b.devices)}, not on {device.type} tensors")
+    op, why = _try_load(b)
+    if op is None:
+        raise RuntimeError(f"backend {name!r} is not available: {why}")
+    return op
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends that load and run on ``device``."""
+    dev = torch.device(device)
+    return [n for n, b in BACKENDS.items() if dev.type in b.devices and _try_load(b)[0] is not None]
