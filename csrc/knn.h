@@ -37,6 +37,21 @@ inline double certificate_coef(int64_t dim, double acc_unit, double input_unit) 
   return 17.0 / 16.0 * ((4.0 * static_cast<double>(dim) + 22.0) * w * u + 2 * v + v * v);
 }
 
+#ifdef __CUDACC__
+#define LDREG_HOST_DEVICE __host__ __device__
+#else
+#define LDREG_HOST_DEVICE
+#endif
+
+// The certificate's test for one row: true when no reference row left out of the
+// candidates can beat or tie the k-th neighbour w. a = |x|^2 + max_j |r_j|^2. Written as
+// "provably less" so that anything unprovable (coef = inf with a = 0, i.e. inf * 0 = NaN,
+// or an overflowed NaN) fails it and the row is redone. Same as _host.redo_rows.
+template <typename T>
+LDREG_HOST_DEVICE inline bool certified(T w, T bound, T a, T coef) {
+  return w * w < bound - coef * a;
+}
+
 // Raises ValueError (the Python API's message) if t holds NaN or Inf.
 void check_finite(const at::Tensor& t, const char* name);
 

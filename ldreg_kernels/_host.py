@@ -113,17 +113,19 @@ def certificate_coef(dim: int, acc_unit: float, input_unit: float = 0.0) -> floa
 def redo_rows(w: Tensor, bound: Tensor, sq_x: Tensor, max_sq_ref: Tensor | float, coef: float) -> Tensor:
     """Indices of the rows the certificate cannot prove exact (see :func:`certificate_coef`).
 
+    A row passes only if ``w^2 < bound - err`` provably holds, so whatever cannot be
+    compared (an infinite ``coef`` times A = 0 is NaN) is redone. Same as ``certified`` in
+    csrc/knn.h.
+
     Args:
         w: (R,) k-th exact distance per row.
         bound: (R,) approximate squared distance of the last candidate kept per row.
         sq_x: (R,) |x|^2 of the centred queries; ``max_sq_ref``: max_j |r_j|^2.
         coef: :func:`certificate_coef` for this selection.
     """
-    if math.isinf(coef):
-        return torch.arange(bound.shape[0], device=bound.device)
     ct = bound.dtype
     err = coef * (sq_x.to(ct) + max_sq_ref)
-    return torch.nonzero(w.to(ct) ** 2 >= bound - err).flatten()
+    return torch.nonzero(~(w.to(ct) ** 2 < bound - err)).flatten()
 
 
 def round_to_tf32(t: Tensor) -> Tensor:

@@ -234,7 +234,6 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   std::vector<uint8_t> redo(static_cast<size_t>(b), 0);
   // Selection reads the inputs as they are (no TF32 on CPU): only accumulation rounding.
   const acc_t coef = static_cast<acc_t>(certificate_coef(dim, std::numeric_limits<acc_t>::epsilon(), 0.0));
-  const bool always = std::isinf(coef);  // past the first-order model: redo every row
 
   at::parallel_for(0, b, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
@@ -251,7 +250,7 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
         ip[row * k + c] = h[c].i;
       }
       const acc_t w = h[k - 1].d;
-      redo[row] = (m < n_valid) && (always || w * w >= bound - coef * (sqxp[row] + max_sqr));
+      redo[row] = (m < n_valid) && !certified<acc_t>(w, bound, sqxp[row] + max_sqr, coef);
     }
   });
 

@@ -287,8 +287,7 @@ rerank_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ ref, 
     for (int w = 1; w < nwarps; ++w) top = red[w] > top ? red[w] : top;
     const acc_t bound = top + sqx[row];
     const acc_t w = key[k - 1];
-    const acc_t err = err_scale * (sqx[row] + *max_sqr);
-    redo[row] = check && (isinf(err_scale) || w * w >= bound - err);
+    redo[row] = check && !certified<acc_t>(w, bound, sqx[row] + *max_sqr, err_scale);
   }
 }
 
