@@ -27,6 +27,10 @@ GATHER_ELEMS = 1 << 17
 # an element: 256K elements keep it near 7 MiB on the host; GPUs get 16x that for throughput.
 EXHAUSTIVE_ELEMS = {"cpu": 1 << 17}
 EXHAUSTIVE_ELEMS_DEFAULT = 1 << 22
+# Deduplicating the reference (torch.unique over its rows) costs about as much as the
+# direct distances of 40 query rows (N=262144, D=256, 2-core CPU: 1.1 s); below this many
+# redone rows it cannot pay for itself.
+DEDUP_MIN_ROWS = 64
 
 # Relative error of rounding one selection input to the selection format, per Triton/cuBLAS
 # selection precision. Conservative: TF32 taken as truncation to 10 mantissa bits (some
@@ -176,8 +180,9 @@ def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tens
     Streams the reference in column blocks with a running (rows, k) best list, so memory is
     O(EXHAUSTIVE_ELEMS) however many rows need it (a collapsed batch sends all of them).
     Distances come from ``torch.cdist`` without the matmul expansion (no rows x N x D
-    temporary). A reference with many exact duplicates (a collapsed batch, the case that
-    needs this most) is deduplicated first: a duplicate's distance is the same computation
+    temporary). When many rows are redone (``DEDUP_MIN_ROWS``) and the reference has many
+    exact duplicates (a collapsed batch, the case that needs this most), it is
+    deduplicated first: a duplicate's distance is the same computation
     on the same operands, so distances to the distinct rows, spread back, are identical.
     float32 distances are non-negative, so their bits order like the values and
     ``(bits << 32) | index`` is one int64 key in (distance, index) order: a topk of keys
@@ -193,9 +198,11 @@ def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tens
     cols = max(k, min(n, budget // 8))
     step = row_chunk(b, k + cols, budget)
     refc = ref.to(ct)
-    uniq, inv = torch.unique(refc, dim=0, return_inverse=True)
-    if 2 * uniq.shape[0] > n:
-        uniq = inv = None
+    uniq = inv = None
+    if b >= DEDUP_MIN_ROWS:
+        uniq, inv = torch.unique(refc, dim=0, return_inverse=True)
+        if 2 * uniq.shape[0] > n:
+            uniq = inv = None
     for s in range(0, b, step):
         xc = x[s : s + step].to(ct)
         r = xc.shape[0]

@@ -97,10 +97,10 @@ def test_exhaustive_matches_oracle(dtype, kind, monkeypatch):
     if kind == "dups":
         ref = ref[torch.randint(0, 5, (301,), generator=g)]  # 5 distinct rows: deduplicated
     monkeypatch.setitem(_host.EXHAUSTIVE_ELEMS, "cpu", 200)
-    rows = torch.randperm(301, generator=g)[:40]
+    rows = torch.randperm(301, generator=g)[: _host.DEDUP_MIN_ROWS + 16]  # enough rows to deduplicate
     dist, idx = _host.exhaustive(ref[rows], ref, 9, rows)
     own_d = torch.cdist(ref[rows].double(), ref.double(), compute_mode="donot_use_mm_for_euclid_dist")
-    own_d[torch.arange(40), rows] = float("inf")
+    own_d[torch.arange(rows.numel()), rows] = float("inf")
     d64, i64 = torch.sort(own_d, dim=1, stable=True)
     want_i = i64[:, :9]
     if dtype == torch.float64 or kind == "dups":  # exact ties resolved to the lower index
