@@ -405,19 +405,19 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x_, const at::Tens
                                             int64_t self_offset, bool exclude_self) {
   check_knn_args(x_, ref_, k, self_offset, exclude_self);
   TORCH_CHECK_VALUE(x_.is_cuda(), "knn_cuda needs CUDA tensors, got ", x_.device());
-  check_finite(x_, "x");
-  check_finite(ref_, "ref");
   TORCH_CHECK_VALUE(k <= kMaxK, "the cuda backend supports k <= ", kMaxK,
                     " (its candidate buffer lives in shared memory), got k=", k,
                     "; use backend='torch' for larger k");
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous(), ref = ref_.contiguous();
+  const RangeScale range = range_scale(x_, ref_);
+  const at::Tensor x = range.apply(x_).contiguous(), ref = range.apply(ref_).contiguous();
   at::Tensor dist, idx;
   std::tie(dist, idx) = empty_knn_outputs(x, k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     knn_cuda_impl<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, dist, idx);
   });
+  range.unscale(dist);
   return {dist, idx};
 }
 
