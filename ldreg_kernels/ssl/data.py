@@ -13,6 +13,7 @@ seed is not the training seed, so every run probes the same held-out images).
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 from dataclasses import dataclass
@@ -119,19 +120,69 @@ def cifar10(root: Optional[str] = None) -> ImageSet:
             "downloaded at run time; fetch it once, e.g. torchvision.datasets.CIFAR10(root, "
             "download=True), and pass --data-root"
         )
+    train_names = [f"data_batch_{i}" for i in range(1, 6)]
+    missing = [n for n in train_names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 under {os.path.abspath(folder)!r} is incomplete: no {', '.join(missing)}")
 
     def read(names: list[str]) -> tuple[Tensor, Tensor]:
         xs, ys = [], []
         for n in names:
-            with open(os.path.join(folder, n), "rb") as f:
-                b = pickle.load(f, encoding="latin1")
-            xs.append(np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(b["labels"], dtype=np.int64))
+            x, y = read_cifar_batch(os.path.join(folder, n))
+            xs.append(x)
+            ys.append(y)
         return torch.from_numpy(np.concatenate(xs)).float().div_(255.0), torch.from_numpy(np.concatenate(ys))
 
-    trx, try_ = read([f"data_batch_{i}" for i in range(1, 6)])
+    trx, try_ = read(train_names)
     tex, tey = read(["test_batch"])
     return ImageSet("cifar10", trx, try_, tex, tey, 10)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays/scalars, nothing else.
+
+    CIFAR-10's python batches are pickles; a plain ``pickle.load`` of a crafted file would run
+    any function it names. Only numpy's array reconstruction is allowed (under both its
+    numpy 1 and numpy 2 module names); anything else is refused before it is called.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy.core.multiarray", "scalar"): np.int64(0).__reduce__()[0],
+        ("numpy._core.multiarray", "scalar"): np.int64(0).__reduce__()[0],
+        ("numpy.core.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],  # protocol 5
+        ("numpy._core.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],
+        ("_codecs", "encode"): codecs.encode,  # how protocol 2 spells bytes
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a numpy array") from None
+
+
+def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch as ``(uint8 images (n, 3, 32, 32), int64 labels (n,))``.
+
+    Raises:
+        ValueError: the file is truncated, corrupt or not a CIFAR-10 batch (one line, naming it).
+    """
+    try:
+        with open(path, "rb") as f:
+            b = _ArrayUnpickler(f, encoding="latin1").load()
+        x = np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(b["labels"], dtype=np.int64).reshape(-1)
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        why = " ".join(str(e).split()) or "unexpected end of file"
+        raise ValueError(f"CIFAR-10 batch {path} is unreadable ({type(e).__name__}: {why}): truncated, corrupt "
+                         "or not the python version; fetch it again") from None
+    return x, y
 
 
 DATASETS: dict[str, Callable[[Optional[str]], ImageSet]] = {
