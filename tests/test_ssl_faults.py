@@ -50,7 +50,7 @@ def test_nan_features_stop_training_and_keep_the_last_good_checkpoint(tmp_path, 
     err = capsys.readouterr().err
     assert f"non-finite features or SSL loss at epoch 2, step {STEPS_PER_EPOCH + 3}: stopping" in err
     assert f"the last good checkpoint ({os.path.join(out, 'checkpoint.pt')}, after epoch 1) is kept" in err
-    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert state["epoch"] == 1 and state["step"] == STEPS_PER_EPOCH
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert [r["epoch"] for r in read_log(out)] == [1]
@@ -89,8 +89,8 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert [r["epoch"] for r in b] == [1, 2, 3]
     for key in ("loss", "ssl_loss", "reg_loss", "batch_lid", "probe_acc", "gm_lid", "erank"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
-    sa = torch.load(os.path.join(whole, "checkpoint.pt"), weights_only=False)["model"]
-    sb = torch.load(os.path.join(killed, "checkpoint.pt"), weights_only=False)["model"]
+    sa = torch.load(os.path.join(whole, "checkpoint.pt"), weights_only=True)["model"]
+    sb = torch.load(os.path.join(killed, "checkpoint.pt"), weights_only=True)["model"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
@@ -107,7 +107,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         T.atomic_save({"epoch": 2}, path)
     monkeypatch.undo()
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     assert state["epoch"] == 1 and state["w"].tolist() == list(range(10))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
 
@@ -129,5 +129,5 @@ def test_sigkill_during_checkpoint_writes_never_tears_the_checkpoint(tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     torch.testing.assert_close(state["check"], state["big"][:100] * state["i"])

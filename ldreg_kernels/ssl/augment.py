@@ -1,7 +1,7 @@
 """Batched image augmentations in plain torch, driven by an explicit ``torch.Generator``.
 
-Every random draw comes from the generator the trainer passes in (its state is saved in
-each checkpoint), so a resumed run sees the same views as an uninterrupted one. Geometry is
+Every random draw comes from the generator the trainer passes in (seeded from the run's
+seed, the epoch and the rank), so a resumed run sees the same views as an uninterrupted one. Geometry is
 one affine warp per image (``affine_grid`` + ``grid_sample``), so a batch costs two kernels
 whatever its size.
 

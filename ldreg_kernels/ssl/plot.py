@@ -8,18 +8,39 @@ from typing import Sequence
 
 import torch
 
+from .train import safe_load
+
 
 def load_run(run_dir: str) -> dict:
-    """A run folder's config, per-epoch history and (if written) per-sample held-out LIDs."""
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        history = [json.loads(line) for line in f if line.strip()]
-    cfg_path = os.path.join(run_dir, "summary.json")
-    cfg = {}
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)["config"]
-    lids_path = os.path.join(run_dir, "lids.pt")
-    lids = torch.load(lids_path) if os.path.exists(lids_path) else None
+    """A run folder's config, per-epoch history and (if written) per-sample held-out LIDs.
+
+    ``lids.pt`` is read with ``weights_only=True`` (:func:`~.train.safe_load`): a crafted
+    file cannot run code.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no ``log.jsonl`` (not an ldreg-train run).
+        ValueError: a file of the run is corrupt (one line, naming it).
+    """
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(log_path):
+        raise FileNotFoundError(f"{run_dir} is not an ldreg-train run: no log.jsonl")
+    cfg_path, lids_path = os.path.join(run_dir, "summary.json"), os.path.join(run_dir, "lids.pt")
+    path = log_path
+    try:
+        with open(log_path) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+        cfg = {}
+        if os.path.exists(cfg_path):
+            path = cfg_path
+            with open(cfg_path) as f:
+                cfg = json.load(f)["config"]
+    except (OSError, KeyError, TypeError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    lids = None
+    if os.path.exists(lids_path):
+        lids = safe_load(lids_path)  # a one-line ValueError naming the file
+        if not isinstance(lids, torch.Tensor):
+            raise ValueError(f"{lids_path} holds a {type(lids).__name__}, not a tensor of LIDs")
     return {"dir": run_dir, "config": cfg, "history": history, "lids": lids}
 
 
@@ -40,7 +61,11 @@ def plot_runs(run_dirs: Sequence[str], out_png: str) -> str:
 def plot_groups(groups: dict[str, list[dict]], out_png: str, title: str = "") -> str:
     """Like :func:`plot_runs`, one line per group: the mean over its runs (seeds), a band of
     +-1 std, and the group's per-sample LIDs pooled into one histogram."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib, which is not installed: pip install matplotlib "
+                          "(or pip install 'ldreg-kernels[ssl]')") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -9,6 +9,15 @@ uninterrupted one step for step.
 Files in ``out``: ``log.jsonl`` (one record per epoch, rewritten from the checkpoint on
 resume, so a killed epoch leaves no stray line), ``checkpoint.pt`` (replaced atomically
 after every epoch), ``summary.json``, ``lids.pt`` (per-sample held-out LID) and ``plot.png``.
+
+Checkpoint safety: a checkpoint holds only tensors and plain containers (dicts, lists,
+tuples, str, int, float, bool, None): the config as a dict, no RNG state (every generator
+is re-seeded from the config), so it is read back with ``torch.load(weights_only=True)``.
+A crafted file cannot run code on ``--resume``; it fails with :class:`CheckpointError`.
+
+Mixed precision (``amp``): ``"bf16"`` or ``"fp16"`` runs the forward passes and the LDReg
+term under ``torch.autocast`` (fp16: CUDA only, with a ``GradScaler``); the weights, the
+optimiser and the evaluation stay in float32.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,6 +36,7 @@ from torch import Tensor, nn
 
 from ..api import lid
 from ..estimators import regularizer
+from ..registry import BACKENDS, LOAD_ERRORS, available_backends
 from . import dist
 from .augment import RECIPES, augment
 from .data import ImageSet, get_dataset
@@ -37,8 +48,29 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Seeds feed torch.Generator.manual_seed through _generator's mixing, which must stay < 2**64.
+MAX_SEED = 2**29
+
+
 class TrainingDiverged(RuntimeError):
     """Non-finite loss or features: training stopped, the last good checkpoint is kept."""
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid, or cannot run on this machine or data set (the CLI's exit 2).
+
+    ``field`` names the offending :class:`TrainConfig` field (``None`` if several), so the CLI
+    can name the option; ``reason`` is the message without it.
+    """
+
+    def __init__(self, reason: str, field: Optional[str] = None) -> None:
+        super().__init__(f"{field} {reason}" if field else reason)
+        self.reason, self.field = reason, field
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read (corrupt, foreign, unsafe) or does not fit this run."""
 
 
 @dataclass
@@ -67,22 +99,77 @@ class TrainConfig:
     dtype: str = "float32"
     eval_every: int = 1
     eval_k: int = 32
+    amp: str = "off"  # "bf16" / "fp16": autocast for the training forward and LDReg
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+            raise ConfigError(f"must be one of {sorted(METHODS)}, got {self.method!r}", "method")
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.method]
         if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        for name in ("epochs", "batch_size", "eval_every"):
+            raise ConfigError(f"must be 'float32' or 'float64', got {self.dtype!r}", "dtype")
+        if self.amp not in ("off", *AMP_DTYPES):
+            raise ConfigError(f"must be one of ['off', 'bf16', 'fp16'], got {self.amp!r}", "amp")
+        if self.amp != "off" and self.dtype != "float32":
+            raise ConfigError(f"{self.amp!r} needs dtype 'float32' (autocast lowers float32), got {self.dtype!r}",
+                              "amp")
+        for name in ("epochs", "batch_size", "eval_every", "eval_k"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", name)
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"must be >= 0, got {self.warmup_epochs}", "warmup_epochs")
+        if self.k < 2:
+            raise ConfigError(f"must be >= 2, got {self.k}", "k")
+        # A negative beta would reward collapse: it minimises LID instead of raising it.
+        for name, positive in (("beta", False), ("lr", True), ("weight_decay", False), ("temperature", True)):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0 or (positive and v == 0):
+                raise ConfigError(f"must be a finite number {'>' if positive else '>='} 0, got {v!r}", name)
+        if not 0 <= self.seed < MAX_SEED:
+            raise ConfigError(f"must be in [0, {MAX_SEED}), got {self.seed}", "seed")
         self.widths, self.blocks = tuple(self.widths), tuple(self.blocks)
+        if not self.widths or len(self.widths) != len(self.blocks) or min(self.widths + self.blocks) < 1:
+            raise ConfigError(f"widths and blocks need one entry >= 1 per stage, got widths={self.widths}, "
+                              f"blocks={self.blocks}")
 
     @property
     def beta_value(self) -> float:
         return float(self.beta)  # type: ignore[arg-type]
+
+
+def check_runtime(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` unless ``cfg.device``, ``cfg.backend`` and ``cfg.amp`` work here.
+
+    Cheap (loads no data, builds no model), so the CLI calls it before anything else.
+    """
+    try:
+        dev = torch.device(cfg.device)
+    except RuntimeError:
+        raise ConfigError(f"{cfg.device!r} is not a torch device (use cpu, cuda or cuda:N)", "device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"{cfg.device!r}: {why}; use cpu", "device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{cfg.device!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible", "device")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{cfg.device!r}: the trainer runs on cpu or cuda", "device")
+    if cfg.backend != "auto" and cfg.backend not in available_backends(dev):
+        b = BACKENDS.get(cfg.backend)
+        if b is None:
+            why = f"unknown backend; choose 'auto' or one of {sorted(BACKENDS)}"
+        elif dev.type not in b.devices:
+            why = f"it runs on {', '.join(b.devices)} tensors, not {dev.type}"
+            if cfg.backend == "triton" and dev.type == "cpu":
+                why += " (Triton runs on the CPU only under TRITON_INTERPRET=1, slowly)"
+        else:
+            why = f"it did not load: {LOAD_ERRORS.get(cfg.backend, 'unknown reason')}"
+        raise ConfigError(f"{cfg.backend!r} cannot run on {dev.type}: {why}; "
+                          f"available here: {', '.join(available_backends(dev))} (or auto)", "backend")
+    if cfg.amp == "fp16" and dev.type != "cuda":
+        raise ConfigError("'fp16' needs a CUDA device (fp16 autocast with a GradScaler); use bf16 on the CPU", "amp")
+    if cfg.amp == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"'bf16': the GPU of {cfg.device!r} does not support bfloat16; use fp16", "amp")
 
 
 def _channel_stats(x: Tensor) -> tuple[list[float], list[float]]:
@@ -111,6 +198,49 @@ def atomic_save(obj: Any, path: str) -> None:
         os.close(fd)
 
 
+_CHECKPOINT_FIELDS = {"config": dict, "epoch": int, "step": int, "history": list, "model": dict, "optimizer": dict}
+
+
+def safe_load(path: str) -> Any:
+    """``torch.load(path, weights_only=True)``, with every failure as one ``ValueError`` line.
+
+    ``weights_only=True`` rebuilds only tensors and plain containers, so a crafted file (a
+    pickle whose ``__reduce__`` calls a function) is refused before anything in it runs.
+    """
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: one line is enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to parse untrusted bytes means the same thing to the user
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if "Weights only load failed" in str(e):
+            # torch's first line suggests weights_only=False: the one thing not to do here.
+            lines = [ln for ln in lines[1:] if not ln.startswith(("Please file", "Check the documentation"))]
+        if lines and "GLOBAL" in lines[0]:  # the pickle names a function or class: refused, never called
+            raise ValueError(f"{path} holds objects other than tensors and plain containers "
+                             f"({lines[0].rstrip('.')}); they were not loaded or run. ldreg-train never writes "
+                             "such a file: it is corrupt or was crafted") from None
+        detail = lines[0] if lines else "unexpected end of file"
+        raise ValueError(f"{path} is not a readable torch file (truncated or corrupt: "
+                         f"{type(e).__name__}: {detail})") from None
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read a trainer checkpoint with :func:`safe_load`, or raise :class:`CheckpointError` saying why not."""
+    try:
+        state = safe_load(path)
+    except ValueError as e:
+        raise CheckpointError(f"--resume: {e}; delete it or choose another --out") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"--resume: {path} is not an ldreg-train checkpoint (it holds a "
+                              f"{type(state).__name__}, not a dict)")
+    for key, typ in _CHECKPOINT_FIELDS.items():
+        if not isinstance(state.get(key), typ):
+            raise CheckpointError(f"--resume: {path} is not an ldreg-train checkpoint ({key!r} is missing or not "
+                                  f"a {typ.__name__})")
+    return state
+
+
 class Trainer:
     """One SSL run. ``Trainer(cfg, out).fit()``; ``Trainer.resume(out).fit()`` continues it.
 
@@ -125,15 +255,21 @@ class Trainer:
                  progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, out, progress
         self.rank, self.world = dist.rank(), dist.world_size()
+        check_runtime(cfg)
         if cfg.batch_size % (2 * self.world):
-            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of 2 x world size {self.world}")
+            raise ConfigError(f"{cfg.batch_size} must be a multiple of 2 x world size {self.world}", "batch_size")
+        n_ref = 2 * cfg.batch_size * (2 if cfg.method == "byol" else 1)
+        if not 2 <= cfg.k < n_ref:  # the batch LID is logged even with LDReg off
+            raise ConfigError(f"must be in [2, {n_ref - 1}] for this batch (reference of {n_ref} rows), got {cfg.k}",
+                              "k")
         self.device = torch.device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
         self.data = data if data is not None else get_dataset(cfg.dataset, cfg.data_root)
+        n_train = len(self.data.train_x)
+        if cfg.batch_size > n_train:  # 0 steps per epoch: nothing would train
+            raise ConfigError(f"{cfg.batch_size} is larger than the {self.data.name} training set "
+                              f"({n_train} images): no step would run; use a batch size <= {n_train}", "batch_size")
         self.recipe = RECIPES[self.data.name]
-        n_ref = 2 * cfg.batch_size * (2 if cfg.method == "byol" else 1)
-        if cfg.ldreg and not 2 <= cfg.k < n_ref:
-            raise ValueError(f"k must be in [2, {n_ref - 1}] for this batch (reference of {n_ref} rows), got {cfg.k}")
 
         torch.manual_seed(cfg.seed)
         mean, std = _channel_stats(self.data.train_x)
@@ -144,6 +280,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
         )
+        # Loss scaling keeps small fp16 gradients from flushing to zero; bf16 has float32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.epoch, self.step, self.history = 0, 0, []
         self.last_eval: Optional[Evaluation] = None
 
@@ -177,21 +315,29 @@ class Trainer:
         v1, v2 = augment(x, self.recipe, g), augment(x, self.recipe, g)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        out: StepOutput = self.net(v1, v2, dist.gather_with_grad if self.world > 1 else None, self.rank)
-        if not bool(torch.isfinite(out.queries).all()) or not bool(torch.isfinite(out.loss)):
-            raise TrainingDiverged(self._diverged_message("features or SSL loss"))
-        ref, offset = dist.global_ref(out.ref)
         active = self.ldreg_active(self.epoch)
-        with torch.set_grad_enabled(active):
-            lids = lid(out.queries if active else out.queries.detach(), ref, cfg.k, estimator=cfg.estimator,
-                       exclude_self=True, self_offset=offset, backend=cfg.backend)
-        reg = regularizer(lids, cfg.beta_value, cfg.reg) if active else torch.zeros((), device=self.device)
+        # The LID runs inside autocast too, as in the official AMP configs: the kNN ops
+        # themselves keep the distances they select and return in float32.
+        with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(cfg.amp), enabled=cfg.amp != "off"):
+            out: StepOutput = self.net(v1, v2, dist.gather_with_grad if self.world > 1 else None, self.rank)
+            if not bool(torch.isfinite(out.queries).all()) or not bool(torch.isfinite(out.loss)):
+                raise TrainingDiverged(self._diverged_message("features or SSL loss"))
+            ref, offset = dist.global_ref(out.ref)
+            with torch.set_grad_enabled(active):
+                lids = lid(out.queries if active else out.queries.detach(), ref, cfg.k, estimator=cfg.estimator,
+                           exclude_self=True, self_offset=offset, backend=cfg.backend)
+            reg = regularizer(lids, cfg.beta_value, cfg.reg) if active else torch.zeros((), device=self.device)
         loss = out.loss + reg
         if not bool(torch.isfinite(loss)):
             raise TrainingDiverged(self._diverged_message("loss"))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        if self.scaler is None:
+            loss.backward()
+            self.opt.step()
+        else:  # fp16: skips the step (and lowers the scale) when scaled gradients overflow
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         if hasattr(self.model, "update_target"):
             self.model.update_target((self.step + 1) / self.total_steps)
         self.step += 1
@@ -276,8 +422,10 @@ class Trainer:
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: tensors and plain containers only, so ``weights_only=True`` reads it."""
         return {"config": dataclasses.asdict(self.cfg), "epoch": self.epoch, "step": self.step,
-                "history": self.history, "model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+                "history": self.history, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
 
     def save(self) -> None:
         """Checkpoint (atomically) and rewrite the log from the history it holds."""
@@ -296,18 +444,29 @@ class Trainer:
         path = os.path.join(out, CHECKPOINT)
         if not os.path.exists(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = TrainConfig(**state["config"])
+        state = load_checkpoint(path)
+        try:
+            saved = TrainConfig(**state["config"])
+        except (TypeError, ValueError) as e:  # unknown fields (another version) or invalid values
+            raise CheckpointError(f"--resume: {path} holds a configuration this version cannot use: {e}") from None
         if cfg is not None:
             diff = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                     if getattr(saved, f.name) != getattr(cfg, f.name) and f.name != "device"}
             if diff:
-                raise ValueError("--resume: the checkpoint was written with a different configuration "
-                                 + ", ".join(f"{k}={a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in diff.items()))
+                raise CheckpointError(
+                    "--resume: the checkpoint was written with a different configuration "
+                    + ", ".join(f"{k}={a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in diff.items()))
             saved.device = cfg.device
         t = cls(saved, out, **kw)
-        t.model.load_state_dict(state["model"])
-        t.opt.load_state_dict(state["optimizer"])
+        try:
+            t.model.load_state_dict(state["model"])
+            t.opt.load_state_dict(state["optimizer"])
+            if t.scaler is not None and state.get("scaler"):
+                t.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            why = " ".join(str(e).split())
+            raise CheckpointError(f"--resume: the weights in {path} do not fit the model its config describes: "
+                                  f"{why}") from None
         t.epoch, t.step, t.history = state["epoch"], state["step"], state["history"]
         return t
 
