@@ -227,6 +227,9 @@ def test_checkpoints_hold_only_plain_data(tmp_path, checkpoint_bytes):
     assert state["config"]["amp"] == "bf16" and state["epoch"] == 1 and state["scaler"] == {}
     resumed = T.Trainer.resume(str(tmp_path), progress=False)  # --amp comes back from the checkpoint
     assert resumed.cfg.amp == "bf16" and resumed.step == state["step"] == 2
+    del state["config"]["amp"], state["scaler"]  # a checkpoint written before --amp existed
+    torch.save(state, path)
+    assert T.Trainer.resume(str(tmp_path), progress=False).cfg.amp == "off"
 
 
 CKPT_ARGS = ["--amp", "bf16", "--epochs", "2", "--resume"]
