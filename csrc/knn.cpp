@@ -9,6 +9,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 namespace ldreg {
@@ -72,10 +73,38 @@ void check_backward_args(const at::Tensor& grad_dist, const at::Tensor& x, const
                    "dist must be float32 or float64");
 }
 
-void check_finite(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), name,
-                    " contains NaN or Inf; LID is undefined for non-finite features "
-                    "(check the encoder output before the regulariser)");
+RangeScale range_scale(const at::Tensor& x, const at::Tensor& ref) {
+  // aminmax propagates NaN, and an Inf is its own extreme: one reduction per tensor checks
+  // finiteness and finds the magnitude, without a boolean copy of the (possibly huge) ref.
+  const auto xm = at::aminmax(x), rm = at::aminmax(ref);
+  const at::Tensor ext = at::stack({std::get<0>(xm).to(at::kDouble), std::get<1>(xm).to(at::kDouble),
+                                    std::get<0>(rm).to(at::kDouble), std::get<1>(rm).to(at::kDouble)})
+                             .cpu();
+  const double* v = ext.const_data_ptr<double>();
+  const char* names[2] = {"x", "ref"};
+  for (int t = 0; t < 2; ++t) {
+    TORCH_CHECK_VALUE(std::isfinite(v[2 * t]) && std::isfinite(v[2 * t + 1]), names[t],
+                      " contains NaN or Inf; LID is undefined for non-finite features "
+                      "(check the encoder output before the regulariser)");
+  }
+  RangeScale r;
+  r.max_abs = std::max({-v[0], v[1], -v[2], v[3]});
+  const int lim = x.scalar_type() == at::kDouble ? kRangeExpDouble : kRangeExpFloat;
+  if (r.max_abs == 0 || (r.max_abs >= std::ldexp(1.0, -lim) && r.max_abs <= std::ldexp(1.0, lim))) return r;
+  int e = 0;
+  std::frexp(r.max_abs, &e);  // max_abs = f * 2^e, f in [0.5, 1)
+  r.scale = std::ldexp(1.0, 1 - e);
+  return r;
+}
+
+at::Tensor RangeScale::apply(const at::Tensor& t) const { return scale == 1.0 ? t : t * scale; }
+
+void RangeScale::unscale(at::Tensor& dist) const {
+  if (scale == 1.0) return;
+  dist.mul_(1.0 / scale);
+  TORCH_CHECK_VALUE(dist.scalar_type() == at::kDouble || at::isfinite(dist).all().item<bool>(),
+                    "the distances overflow float32 (largest |feature| is ", max_abs,
+                    "); pass float64 features");
 }
 
 void redo_exhaustive(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& rows,

@@ -52,8 +52,26 @@ LDREG_HOST_DEVICE inline bool certified(T w, T bound, T a, T coef) {
   return w * w < bound - coef * a;
 }
 
-// Raises ValueError (the Python API's message) if t holds NaN or Inf.
-void check_finite(const at::Tensor& t, const char* name);
+// Inputs whose largest magnitude m lies outside [2^-kRangeExp, 2^kRangeExp] (per the
+// kernel's arithmetic: fp64 for double input, else fp32) are multiplied by a power of two
+// that brings m into [1, 2): there squared distances can neither overflow nor underflow.
+// Distances are scale-equivariant and the product is exact, so the result is the same,
+// bit for bit, up to that power of two. Same windows as _host.RANGE_EXP.
+constexpr int kRangeExpFloat = 32;
+constexpr int kRangeExpDouble = 256;
+
+struct RangeScale {
+  double scale = 1.0;    // the inputs are multiplied by scale, the distances divided
+  double max_abs = 0.0;  // m, for the error message
+  // t * scale, or t itself when no scaling is needed.
+  at::Tensor apply(const at::Tensor& t) const;
+  // dist / scale in place; ValueError when float32 cannot hold the distances.
+  void unscale(at::Tensor& dist) const;
+};
+
+// Raises ValueError (the Python API's message) if x or ref holds NaN or Inf (one device
+// sync for both), else the scaling above. Same as _host.range_scale.
+RangeScale range_scale(const at::Tensor& x, const at::Tensor& ref);
 
 // Validates shapes/dtypes/devices/k for direct C++ callers; Python validates first with
 // friendlier messages. Throws c10::ValueError / c10::TypeError.

@@ -41,6 +41,13 @@ INPUT_UNIT = {"ieee": 0.0, "tf32": 2.0**-10, "tf32x3": 2.0**-19, "bf16": 2.0**-8
 FP32_EPS = 2.0**-23
 
 
+# Inputs whose largest magnitude m lies outside [2^-e, 2^e] for the selection arithmetic are
+# scaled by a power of two into [1, 2) (:func:`range_scale`). Within the window squared
+# distances (< 16 D m^2) cannot overflow, nor differences at the inputs' resolution
+# (m 2^-24)^2 underflow. Same as kRangeExp* in csrc/knn.h.
+RANGE_EXP = {torch.float32: 32, torch.float64: 256}
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Distances are computed and returned in float64 for float64 input, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -236,3 +243,39 @@ def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tens
         else:
             dist[s : s + step], idx[s : s + step] = best, best_i
     return dist, idx
+
+
+def range_scale(x: Tensor, ref: Tensor, arith: torch.dtype) -> tuple[float, float]:
+    """(scale, m): the power of two that brings m = max(|x|, |ref|) into [1, 2) when m lies
+    outside the window of ``arith`` (:data:`RANGE_EXP`), else 1.0.
+
+    Multiplying by a power of two is exact and distances are scale-equivariant, so a
+    backend run on the scaled inputs returns the same neighbours and, divided by the scale,
+    the same distances bit for bit, where the unscaled squared distances would overflow
+    (|x| ~ 1e19 in fp32) or underflow. Raises ValueError for NaN/Inf: ``aminmax`` propagates
+    NaN and an Inf is its own extreme, so one reduction per tensor (one device sync for
+    both) checks finiteness and finds m without a boolean copy of a large ``ref``.
+    Same as ``range_scale`` in csrc/knn.cpp.
+    """
+    ext = torch.stack([v.to(torch.float64) for t in (x, ref) for v in torch.aminmax(t)]).tolist()
+    for name, lo, hi in (("x", ext[0], ext[1]), ("ref", ext[2], ext[3])):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(
+                f"{name} contains NaN or Inf; LID is undefined for non-finite features "
+                "(check the encoder output before the regulariser)"
+            )
+    m = max(-ext[0], ext[1], -ext[2], ext[3])
+    lim = RANGE_EXP[arith]
+    if m == 0 or 2.0**-lim <= m <= 2.0**lim:
+        return 1.0, m
+    return math.ldexp(1.0, 1 - math.frexp(m)[1]), m
+
+
+def unscale(dist: Tensor, scale: float, max_abs: float) -> Tensor:
+    """``dist / scale`` (exact); ValueError when float32 cannot hold the distances."""
+    dist = dist * (1.0 / scale)
+    if dist.dtype != torch.float64 and not bool(torch.isfinite(dist).all()):
+        raise ValueError(
+            f"the distances overflow float32 (largest |feature| is {max_abs:g}); pass float64 features"
+        )
+    return dist

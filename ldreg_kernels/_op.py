@@ -22,8 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._host import compute_dtype
-from ._validate import check_finite
+from ._host import compute_dtype, range_scale, unscale
 
 __all__ = ["Backend", "define_knn_op", "define_backward_op", "register_native_op"]
 
@@ -65,6 +64,31 @@ def fake_backward(
     return torch.empty_like(x), gref
 
 
+def _no_autocast(op) -> None:
+    """Under autocast, run ``op`` with autocast off on float32 (float64 stays float64).
+
+    Autocast would otherwise reach the matmuls inside the op and select in bf16/fp16,
+    outside what the backend's certificate assumes (and hand the C++ kernels tensors of a
+    dtype they did not dispatch on). The selection precision stays the backend's choice;
+    half and bfloat16 features are computed in float32 in any case.
+    """
+    for device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(op, device_type, torch.float32)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "ldreg_kernels: double backward through the kNN ops (create_graph=True, e.g. a "
+        "gradient penalty) is not implemented; the first backward is exact"
+    )
+
+
+def _forbid_double_backward(op) -> None:
+    """A clear error, rather than torch's "no autograd formula", if a graph built with
+    create_graph=True is differentiated through a backward op."""
+    torch.library.register_autograd(op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, ref, _k, _off, _excl = inputs
     dist, idx = output
@@ -98,29 +122,40 @@ def define_backward_op(name: str, impl: BackwardImpl, device_types=None):
 
     op = torch.library.custom_op(f"ldreg::knn_backward_{name}", backward, mutates_args=(), device_types=device_types)
     op.register_fake(fake_backward)
+    _no_autocast(op)
+    _forbid_double_backward(op)
     return op
 
 
-def define_knn_op(name: str, impl: KnnImpl, backward_op, device_types=None):
-    """Define ``ldreg::knn_<name>`` from ``impl``, with the NaN/Inf check, the fake kernel and
-    an autograd that runs ``backward_op`` (this backend's own backward)."""
+def define_knn_op(name: str, impl: KnnImpl, backward_op, device_types=None, fp32_selection: bool = False):
+    """Define ``ldreg::knn_<name>`` from ``impl``, with the NaN/Inf check and range scaling
+    (``_host.range_scale``; ``fp32_selection``: the backend selects float64 input in fp32,
+    so scale it into fp32's window), the fake kernel, the autocast rule and an autograd
+    that runs ``backward_op`` (this backend's own backward)."""
 
     def forward(x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
-        check_finite(x, "x")
-        check_finite(ref, "ref")
-        return impl(x.contiguous(), ref.contiguous(), k, self_offset, exclude_self)
+        arith = torch.float32 if fp32_selection else compute_dtype(x.dtype)
+        scale, max_abs = range_scale(x, ref, arith)
+        if scale != 1.0:
+            x, ref = x * scale, ref * scale
+        dist, idx = impl(x.contiguous(), ref.contiguous(), k, self_offset, exclude_self)
+        return (dist, idx) if scale == 1.0 else (unscale(dist, scale, max_abs), idx)
 
     op = torch.library.custom_op(f"ldreg::knn_{name}", forward, mutates_args=(), device_types=device_types)
     op.register_fake(fake_knn)
     op.register_autograd(_autograd(backward_op), setup_context=_setup_context)
+    _no_autocast(op)
     return op
 
 
 def register_native_op(forward: str, backward: str) -> None:
-    """Fake kernels and autograd for C++ ops declared with the schemas above (the C++ kernels
-    check NaN/Inf themselves)."""
+    """Fake kernels, autocast rule and autograd for C++ ops declared with the schemas above
+    (the C++ kernels check NaN/Inf and scale the range themselves)."""
     torch.library.register_fake(f"ldreg::{forward}")(fake_knn)
     torch.library.register_fake(f"ldreg::{backward}")(fake_backward)
+    _no_autocast(f"ldreg::{forward}")
+    _no_autocast(f"ldreg::{backward}")
+    _forbid_double_backward(f"ldreg::{backward}")
     torch.library.register_autograd(
         f"ldreg::{forward}", _autograd(getattr(torch.ops.ldreg, backward)), setup_context=_setup_context
     )

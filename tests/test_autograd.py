@@ -124,6 +124,18 @@ def test_opcheck_every_backward_op(device_backend):
         torch.library.opcheck(op, (gd, x, ref, i, d, need_ref))
 
 
+def test_double_backward_raises_clearly(device_backend):
+    """create_graph=True works for the first gradient; differentiating it again names the
+    limitation instead of torch's "no autograd formula was registered"."""
+    dev, backend = device_backend
+    x = features(20, 5, generator("double-bwd"), torch.float64).to(dev).requires_grad_()
+    (g,) = torch.autograd.grad(L.ldreg_loss(x, k=4, beta=1.0, backend=backend), x, create_graph=True)
+    want = torch.autograd.grad(L.ldreg_loss(x, k=4, beta=1.0, backend=backend), x)[0]
+    assert torch.equal(g.detach(), want)
+    with pytest.raises(RuntimeError, match="double backward through the kNN ops .* is not implemented"):
+        g.square().sum().backward()
+
+
 class _OpLog(TorchDispatchMode):
     """Records every ldreg op the dispatcher runs."""
 
