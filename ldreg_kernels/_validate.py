@@ -2,10 +2,13 @@
 
 Shape, dtype and device checks are static, so they run in the Python wrapper (and under
 torch.compile without graph breaks). The NaN/Inf check reads the data, so it runs inside
-the custom ops' eager implementations (see ``check_finite``).
+the custom ops' eager implementations (``_host.range_scale``, ``range_scale`` in C++).
 """
 
 from __future__ import annotations
+
+import math
+import operator
 
 import torch
 from torch import Tensor
@@ -14,10 +17,39 @@ ESTIMATORS = ("mom", "mle")
 REGS = ("l1", "l2")
 
 
+def as_int(v: object, name: str) -> int:
+    """``v`` as a Python int: anything with ``__index__`` (numpy and 0-d integer tensor
+    scalars included) except bool, else TypeError naming ``name``."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+
+
+def as_real(v: object, name: str) -> float:
+    """``v`` as a Python float: an int or float, a numpy scalar, or a one-element real
+    tensor (read once, a device sync on GPU), except bool, else TypeError naming ``name``.
+    Finiteness is the caller's check."""
+    if isinstance(v, Tensor) and v.numel() == 1 and not (v.is_complex() or v.dtype == torch.bool):
+        if v.requires_grad:
+            raise TypeError(f"{name} must not require grad (it is read as a number)")
+        return float(v.item())
+    if isinstance(v, (bool, str, bytes)) or isinstance(v, complex) or not hasattr(v, "__float__"):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}") from None
+
+
 def check_features(t: object, name: str) -> None:
-    """A 2-D, non-empty, floating-point tensor, else TypeError/ValueError naming ``name``."""
+    """A 2-D, non-empty, dense floating-point tensor, else TypeError/ValueError naming ``name``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; pass {name}.to_dense()")
     if not t.is_floating_point():
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), "
@@ -50,9 +82,8 @@ def check_global_ref(ref: str) -> None:
 
 def check_global_args(k: object, self_offset: object, ref: str) -> None:
     """k is an int; self_offset is left at 0 (the rank's offset in the gathered batch is computed)."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if self_offset != 0:
+    as_int(k, "k")
+    if as_int(self_offset, "self_offset") != 0:
         raise ValueError(
             f"self_offset must be 0 with ref={ref!r} (this rank's offset in the gathered batch is "
             f"computed), got {self_offset!r}"
@@ -77,12 +108,9 @@ def resolve_exclude_self(exclude_self: object, ref: object, self_offset: object)
     return exclude_self
 
 
-def check_k(k: object, n_ref: int, n_query: int, exclude_self: bool, self_offset: object) -> None:
-    """k in [1, N - 1] with self excluded (else [1, N]); queries fit inside ref at self_offset."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if isinstance(self_offset, bool) or not isinstance(self_offset, int):
-        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
+def check_k(k: int, n_ref: int, n_query: int, exclude_self: bool, self_offset: int) -> None:
+    """k in [1, N - 1] with self excluded (else [1, N]); queries fit inside ref at self_offset.
+    ``k`` and ``self_offset`` are ints already (:func:`as_int`)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got k={k}")
     if exclude_self:
@@ -100,28 +128,23 @@ def check_k(k: object, n_ref: int, n_query: int, exclude_self: bool, self_offset
         raise ValueError(f"k={k} exceeds the N = {n_ref} reference rows")
 
 
-def check_lid_args(k: int, estimator: object, eps: object) -> None:
-    """An estimator name, k >= 2 (one neighbour gives no LID), and eps > 0."""
+def check_lid_args(k: int, estimator: object, eps: float) -> None:
+    """An estimator name, k >= 2 (one neighbour gives no LID), and 0 < eps < 1 (``eps`` is
+    a fraction of each row's k-th distance; see ``ldreg_kernels.estimators``).
+    ``k`` and ``eps`` are numbers already (:func:`as_int`, :func:`as_real`)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if k < 2:
         raise ValueError(f"k must be >= 2 to estimate LID, got k={k}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if not 0 < eps < 1:
+        raise ValueError(
+            f"eps must be in (0, 1), a fraction of each row's k-th neighbour distance, got {eps!r}"
+        )
 
 
-def check_reg_args(beta: object, reg: object) -> None:
-    """A finite real beta and a regulariser name."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta != beta or abs(beta) == float("inf"):
-        raise ValueError(f"beta must be a finite float, got {beta!r}")
+def check_reg_args(beta: float, reg: object) -> None:
+    """A finite beta (a number already, :func:`as_real`) and a regulariser name."""
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be finite, got {beta!r}")
     if reg not in REGS:
         raise ValueError(f"reg must be one of {REGS}, got {reg!r}")
-
-
-def check_finite(t: Tensor, name: str) -> None:
-    """Raise if ``t`` has NaN or Inf (one reduction; a device sync on GPU)."""
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(
-            f"{name} contains NaN or Inf; LID is undefined for non-finite features "
-            "(check the encoder output before the regulariser)"
-        )

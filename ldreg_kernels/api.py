@@ -63,7 +63,8 @@ def knn(
             through the gather to the rank owning each row. Collective: every rank must
             call it with the same D, k and dtype (else ValueError on every rank). Without
             a process group they mean ``None`` and ``x`` (not detached).
-        k: neighbours per query; 1 <= k <= N - 1 with ``exclude_self`` (else <= N).
+        k: neighbours per query; 1 <= k <= N - 1 with ``exclude_self`` (else <= N). Any
+            integer with ``__index__`` (a numpy or 0-d tensor integer) is accepted.
         exclude_self: drop reference row ``i + self_offset`` for query ``i``, by index:
             a duplicate of the query stays a valid neighbour at distance 0. Default
             (None): True when ``ref`` is None or "global"/"global_grad" (the reference
@@ -82,6 +83,7 @@ def knn(
     Raises:
         TypeError, ValueError: bad arguments, or NaN/Inf in ``x`` or ``ref``.
     """
+    k, self_offset = V.as_int(k, "k"), V.as_int(self_offset, "self_offset")
     exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
     if isinstance(ref, str):
         ref, self_offset = _global_ref(x, ref, k, self_offset, backend)
@@ -114,12 +116,14 @@ def lid(
         estimator: "mom" (method of moments, the paper's Algorithm 1:
             ``m / (w - m)``, m the mean of the first k-1 distances, w the k-th) or "mle"
             (Levina-Bickel: ``-k / sum_j ln(r_j / w)``).
-        eps: floor that keeps degenerate neighbourhoods finite (equidistant or zero
-            distances); see ``ldreg_kernels.estimators``.
+        eps: relative floor, in (0, 1), that keeps degenerate neighbourhoods finite
+            (equidistant or zero distances): a fraction of each row's k-th distance, so
+            LID stays scale-free; see ``ldreg_kernels.estimators``.
 
     Returns:
         (B,) LID, float32 (float64 for float64 input), differentiable like :func:`knn`.
     """
+    k, self_offset, eps = V.as_int(k, "k"), V.as_int(self_offset, "self_offset"), V.as_real(eps, "eps")
     exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
     if isinstance(ref, str):
         ref, self_offset = _global_ref(
@@ -163,6 +167,8 @@ def ldreg_loss(
     Returns:
         Scalar tensor (float32, float64 for float64 input).
     """
+    k, self_offset = V.as_int(k, "k"), V.as_int(self_offset, "self_offset")
+    eps, beta = V.as_real(eps, "eps"), V.as_real(beta, "beta")
     exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
     if isinstance(ref, str):
         ref, self_offset = _global_ref(

@@ -2,13 +2,18 @@
 
 These are the formulas of ``reference.py`` with the degenerate cases made finite, so that
 no backend silently returns NaN. Every backend feeds its exact distances through these
-functions (or, for a fused epilogue, must reproduce them), so degenerate outcomes are the
-same everywhere:
+functions, so degenerate outcomes are the same everywhere.
 
-- MoM: ``LID = max(m, eps) / max(w - m, eps)``. All neighbours equidistant (``w == m``)
-  gives ``m / eps`` (large, finite); all neighbours at distance 0 gives 1.
-- MLE: ``LID = k / max(-sum_j ln(max(r_j, eps) / max(w, eps)), eps)``. Equidistant
-  neighbours give ``k / eps``; zero distances are floored at ``eps``.
+The guards are relative to each row's own scale, its k-th distance w, because LID is
+scale-free: ``lid(c * x) == lid(x)`` for any c > 0 that the dtype can represent, down to
+the degenerate cases (an absolute floor made features at scale 1e-12 give LID 1 with zero
+gradient).
+
+- MoM: ``LID = max(m / w, eps) / max((w - m) / w, eps)``. All neighbours equidistant
+  (``w == m``) gives ``1 / eps`` (large, finite); k - 1 duplicates of the query (``m == 0``)
+  give ``eps``; all neighbours at distance 0 (``w == 0``) give 1.
+- MLE: ``LID = k / max(-sum_j ln(max(r_j / w, eps)), eps)``. Equidistant neighbours give
+  ``k / eps``; a duplicate at distance 0 counts as ``eps w``; ``w == 0`` gives ``k / eps``.
 """
 
 from __future__ import annotations
@@ -23,22 +28,28 @@ def lid_from_distances(dist: Tensor, estimator: str = "mom", eps: float = 1e-12)
     Args:
         dist: (B, k) sorted ascending, k >= 2.
         estimator: "mom" (method of moments, the paper's Algorithm 1) or "mle".
-        eps: floor on denominators and distances; see the module docstring.
+        eps: relative floor, a fraction of each row's k-th distance; see the module
+            docstring.
 
     Returns:
-        (B,) LID, finite and >= eps for finite input; float32 for half/bfloat16 input.
+        (B,) LID, finite and positive for finite input; float32 for half/bfloat16 input.
     """
     if dist.dtype in (torch.float16, torch.bfloat16):
         dist = dist.float()
     w = dist[:, -1]
+    # Everything is taken relative to w first: a floor eps * w would underflow (fp32 at
+    # w < 1e-26), but r / w is scale-free bit for bit. w == 0 only when every distance is
+    # 0; a unit stand-in keeps the divisions (and their gradients) finite there.
+    positive = w > 0
+    ws = torch.where(positive, w, torch.ones((), dtype=w.dtype, device=w.device)).unsqueeze(1)
     if estimator == "mom":
-        m = dist[:, :-1].mean(dim=1)
-        return m.clamp_min(eps) / (w - m).clamp_min(eps)
+        m = dist[:, :-1].mean(dim=1, keepdim=True)
+        return (m / ws).clamp_min(eps).squeeze(1) / ((dist[:, -1:] - m) / ws).clamp_min(eps).squeeze(1)
     k = dist.shape[1]
     # ln of the ratio, not ln r - ln w: the difference of two logs of the data's scale loses
     # |ln scale| x ulp per term, so the fp32 LID error grew ~10x at scales 1e-6 or 1e6.
-    log_ratio = torch.log(dist.clamp_min(eps) / w.clamp_min(eps).unsqueeze(1))
-    return k / (-log_ratio.sum(dim=1)).clamp_min(eps)
+    ratio = torch.where(positive.unsqueeze(1), (dist / ws).clamp_min(eps), torch.ones((), dtype=dist.dtype, device=dist.device))
+    return k / (-torch.log(ratio).sum(dim=1)).clamp_min(eps)
 
 
 def regularizer(lids: Tensor, beta: float, reg: str = "l1") -> Tensor:

@@ -23,7 +23,7 @@ class LDReg(nn.Module):
         beta: strength (paper: 0.01 SimCLR, 0.005 BYOL).
         reg: "l1" or "l2".
         estimator: "mom" (paper) or "mle".
-        eps: floor that keeps degenerate neighbourhoods finite.
+        eps: relative floor in (0, 1) that keeps degenerate neighbourhoods finite.
         backend: "auto" or a name from ``ldreg_kernels.available_backends()``.
 
     Shape:
@@ -46,14 +46,13 @@ class LDReg(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        k, beta, eps = V.as_int(k, "k"), V.as_real(beta, "beta"), V.as_real(eps, "eps")
         V.check_lid_args(k, estimator, eps)
         V.check_reg_args(beta, reg)
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-        self.k, self.beta, self.reg = k, float(beta), reg
-        self.estimator, self.eps, self.backend = estimator, float(eps), backend
+        self.k, self.beta, self.reg = k, beta, reg
+        self.estimator, self.eps, self.backend = estimator, eps, backend
 
     def forward(
         self, x: Tensor, ref: RefLike = None, self_offset: int = 0, exclude_self: Optional[bool] = None

@@ -26,6 +26,8 @@ def _raises(exc, msg, fn, *args, **kw):
         (dict(k=11, exclude_self=False), ValueError, "k=11 exceeds the N = 10 reference rows"),
         (dict(k=2.0), TypeError, "k must be an int, got float"),
         (dict(k=True), TypeError, "k must be an int, got bool"),
+        (dict(k=torch.tensor(3.0)), TypeError, "k must be an int, got Tensor"),
+        (dict(k=3, self_offset=0.0), TypeError, "self_offset must be an int, got float"),
         (dict(k=3, self_offset=1), ValueError, "self_offset=1 puts the 10 queries outside ref's 10 rows"),
         (dict(k=3, self_offset=-1), ValueError, "self_offset=-1 puts the 10 queries outside"),
         (dict(k=3, backend="nope"), ValueError, "backend must be 'auto' or one of"),
@@ -33,6 +35,26 @@ def _raises(exc, msg, fn, *args, **kw):
 )
 def test_bad_k_offset_backend(kwargs, exc, msg):
     _raises(exc, msg, L.knn, X, **kwargs)
+
+
+def test_integer_and_real_scalars_of_any_kind_are_accepted():
+    """numpy and 0-d tensor scalars are numbers: k/self_offset via __index__, beta/eps via float."""
+    np = pytest.importorskip("numpy")
+    want = L.knn(X, REF, 3, exclude_self=True, self_offset=5)
+    for k, off in ((np.int64(3), np.int32(5)), (torch.tensor(3), torch.tensor(5))):
+        got = L.knn(X, REF, k, exclude_self=True, self_offset=off)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    loss = L.ldreg_loss(X, None, 3, 0.1, eps=1e-9)
+    for beta, eps in ((np.float32(0.1), np.float64(1e-9)), (torch.tensor(0.1, dtype=torch.float64), torch.tensor(1e-9))):
+        assert torch.allclose(L.ldreg_loss(X, None, np.int64(3), beta, eps=eps), loss)
+        assert L.LDReg(np.int64(3), beta, eps=eps).beta == pytest.approx(0.1)
+
+
+def test_sparse_features_are_rejected_by_name():
+    _raises(TypeError, "x must be a dense (strided) tensor, got layout torch.sparse_coo; pass x.to_dense()",
+            L.knn, X.to_sparse(), k=3)
+    _raises(TypeError, "ref must be a dense (strided) tensor, got layout torch.sparse_csr; pass ref.to_dense()",
+            L.lid, X, REF.to_sparse_csr(), 3)
 
 
 def test_k_limit_with_separate_ref():
@@ -97,8 +119,16 @@ def test_non_finite_inputs(device_backend, bad):
     [
         (dict(k=1), ValueError, "k must be >= 2 to estimate LID, got k=1"),
         (dict(k=3, estimator="mean"), ValueError, "estimator must be one of ('mom', 'mle'), got 'mean'"),
-        (dict(k=3, eps=0.0), ValueError, "eps must be a positive float, got 0.0"),
-        (dict(k=3, eps=-1e-3), ValueError, "eps must be a positive float, got -0.001"),
+        (dict(k=3, eps=0.0), ValueError, "eps must be in (0, 1), a fraction of each row's k-th neighbour distance, got 0.0"),
+        (dict(k=3, eps=-1e-3), ValueError, "eps must be in (0, 1), a fraction of each row's k-th neighbour distance, got -0.001"),
+        (dict(k=3, eps=float("inf")), ValueError, "eps must be in (0, 1), a fraction of each row's k-th neighbour distance, got inf"),
+        (dict(k=3, eps=float("nan")), ValueError, "eps must be in (0, 1), a fraction of each row's k-th neighbour distance, got nan"),
+        (dict(k=3, eps=1.0), ValueError, "eps must be in (0, 1), a fraction of each row's k-th neighbour distance, got 1.0"),
+        (dict(k=3, eps="1e-9"), TypeError, "eps must be a real number, got str"),
+        (dict(k="3"), TypeError, "k must be an int, got str"),
+        (dict(k=None), TypeError, "k must be an int, got NoneType"),
+        (dict(k=3.0), TypeError, "k must be an int, got float"),
+        (dict(k=True), TypeError, "k must be an int, got bool"),
     ],
 )
 def test_bad_lid_args(kwargs, exc, msg):
@@ -109,8 +139,13 @@ def test_bad_lid_args(kwargs, exc, msg):
 @pytest.mark.parametrize(
     "kwargs, exc, msg",
     [
-        (dict(beta=float("nan")), ValueError, "beta must be a finite float, got nan"),
-        (dict(beta="0.1"), ValueError, "beta must be a finite float, got '0.1'"),
+        (dict(beta=float("nan")), ValueError, "beta must be finite, got nan"),
+        (dict(beta=float("-inf")), ValueError, "beta must be finite, got -inf"),
+        (dict(beta="0.1"), TypeError, "beta must be a real number, got str"),
+        (dict(beta=None), TypeError, "beta must be a real number, got NoneType"),
+        (dict(beta=1j), TypeError, "beta must be a real number, got complex"),
+        (dict(beta=torch.tensor([0.1, 0.2])), TypeError, "beta must be a real number, got Tensor"),
+        (dict(beta=torch.tensor(0.1, requires_grad=True)), TypeError, "beta must not require grad"),
         (dict(reg="l3"), ValueError, "reg must be one of ('l1', 'l2'), got 'l3'"),
     ],
 )

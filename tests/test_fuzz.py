@@ -199,8 +199,8 @@ def check_case(backend: str, c: dict) -> None:
         lids = L.lid(x.detach(), None if ref is None else ref.detach(), k, estimator=c["estimator"],
                      exclude_self=excl, self_offset=off, backend=backend).cpu().double()
         want = lid_from_distances(d64[:, :k], c["estimator"], EPS)
-        # Condition number of the guarded formula: for MLE a zero distance counts as eps.
-        d_cond = d64[:, :k].clamp_min(EPS) if c["estimator"] == "mle" else d64[:, :k]
+        # Condition number of the guarded formula: for MLE a zero distance counts as eps * w.
+        d_cond = torch.maximum(d64[:, :k], EPS * d64[:, k - 1 : k]) if c["estimator"] == "mle" else d64[:, :k]
         tol = lid_rtol(d_cond, c["estimator"], dtype)
         # w == m, or w - m below the dtype's resolution of w (a bound >= 50%): the LID is not
         # determined by float32 distances (fp32 may round w - m to 0 and take the eps branch),

@@ -1,0 +1,145 @@
+"""Numeric range: every backend is exact over the dtype's whole finite range, and LID is
+scale-free down to its degenerate cases.
+
+- Squared distances overflow fp32 at |x| ~ 1e19 and underflow at ~1e-19 (and Triton
+  selects float64 input in fp32): inputs outside a safe window are scaled by a power of two
+  (``_host.range_scale``, ``range_scale`` in csrc/knn.cpp), which is exact, so the answer
+  is the unscaled one times that power of two, bit for bit.
+- Distances that float32 itself cannot hold raise ValueError.
+- The estimators' eps floors are relative to each row's k-th distance, so
+  ``lid(c x) == lid(x)``: bit for bit for powers of two, degenerate rows included, and to
+  the formula's conditioning for any c in [1e-30, 1e30].
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ldreg_kernels as L
+from ldreg_kernels import _host
+from ldreg_kernels.api import DEFAULT_EPS
+from ldreg_kernels.estimators import lid_from_distances
+from utils import SESSION_SEED, features, generator, lid_rtol
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = L.available_backends(DEV)
+
+
+def degenerate_batch(g: torch.Generator, dtype, n: int = 48, d: int = 6) -> torch.Tensor:
+    """Gaussian rows, exact duplicates, and a row with equidistant neighbours (an integer
+    star, exact in any scale): the rows whose LID the eps floors decide."""
+    x = features(n, d, g, torch.float64)
+    x[n // 2 : n // 2 + 6] = x[0]  # 7 copies of row 0: m == 0 for k <= 6
+    eye = torch.eye(d, dtype=torch.float64)
+    star = torch.cat([torch.zeros(1, d, dtype=torch.float64), eye, -eye]) + 40.0
+    return torch.cat([x, star]).to(dtype)
+
+
+def _n(backend: str, n: int) -> int:
+    return min(n, 24) if backend == "triton" else n
+
+
+@pytest.mark.parametrize("dtype, exps", [(torch.float32, (-90, -70, 40, 66, 90)), (torch.float64, (-900, -300, 66, 300, 900))],
+                         ids=["fp32", "fp64"])
+def test_power_of_two_scaling_is_exact(device_backend, dtype, exps):
+    """Overflowing/underflowing ranges give the unscaled answer times 2^e, bit for bit
+    (fp32 at 2^66 ~ 7e19 is where squared distances overflowed; Triton's fp64 at 1e20 gave
+    90% wrong rows; the reference backend returned the query as its own neighbour)."""
+    dev, backend = device_backend
+    x = degenerate_batch(generator("pow2", str(dtype)), dtype)[-_n(backend, 61):].to(dev)
+    ref = features(_n(backend, 90), x.shape[1], generator("pow2-ref"), dtype).to(dev)
+    for args in ((x, None, 5), (x, ref, 7)):
+        d0, i0 = L.knn(*args, backend=backend)
+        l0 = L.lid(*args, backend=backend)
+        for e in exps:
+            s = math.ldexp(1.0, e)
+            scaled = (args[0] * s, None if args[1] is None else args[1] * s, args[2])
+            d, i = L.knn(*scaled, backend=backend)
+            assert torch.equal(i, i0), f"2^{e}: indices differ"
+            assert torch.equal(d, d0 * s), f"2^{e}: distances differ"
+            assert torch.equal(L.lid(*scaled, backend=backend), l0), f"2^{e}: LID differs"
+
+
+def test_gradient_is_exact_at_overflowing_scale(device_backend):
+    """d dist / d x is scale-free: the backward at 2^66 equals the one at scale 1."""
+    dev, backend = device_backend
+    x = features(_n(backend, 40), 8, generator("grad-range")).to(dev)
+    grads = []
+    for s in (1.0, 2.0**66):
+        xs = (x * s).requires_grad_()
+        L.knn(xs, k=5, backend=backend)[0].sum().backward()
+        grads.append(xs.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_float32_distance_overflow_raises(device_backend):
+    dev, backend = device_backend
+    g = generator("overflow")
+    x = ((torch.rand(_n(backend, 20), 256, generator=g) * 2 - 1) * 1e38).to(dev)
+    with pytest.raises(ValueError, match=re.escape("the distances overflow float32 (largest |feature| is 9.99")):
+        L.knn(x, k=3, backend=backend)
+    d, _ = L.knn(x.double(), k=3, backend=backend)  # float64 holds them
+    assert torch.isfinite(d).all() and d.min() > 1e38
+
+
+def test_range_scale_window():
+    """Scaling happens only outside the window, to [1, 2), by an exact power of two."""
+    t = torch.ones(2, 2)
+    assert _host.range_scale(t * 2.0**32, t, torch.float32) == (1.0, 2.0**32)
+    s, m = _host.range_scale(t * 2.0**33, t, torch.float32)
+    assert m == 2.0**33 and s == 2.0**-33 and 1 <= m * s < 2
+    s, m = _host.range_scale(t * 3e-20, -t * 1e-21, torch.float32)
+    assert 1 <= m * s < 2 and math.frexp(s)[0] == 0.5
+    assert _host.range_scale(t * 1e-20, t * 1e-20, torch.float64)[0] == 1.0
+    assert _host.range_scale(torch.zeros(2, 2), torch.zeros(2, 2), torch.float32) == (1.0, 0.0)
+
+
+def test_tiny_features_keep_their_lid_and_gradient():
+    """The issue's case: at scale 1e-12 an absolute eps gave MoM 1 and MLE k/eps with zero
+    gradient, against ~16 at scale 1."""
+    x = features(300, 32, generator("tiny"), torch.float64)
+    for est in ("mom", "mle"):
+        want = L.lid(x, k=16, estimator=est, backend="torch")
+        for c in (1e-12, 1e-13, 1e-30):
+            xs = (x * c).requires_grad_()
+            got = L.lid(xs, k=16, estimator=est)
+            assert torch.allclose(got, want, rtol=1e-9), est
+            L.ldreg_loss(xs, k=16, beta=1.0, estimator=est).backward()
+            assert xs.grad.abs().max() > 0
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=False, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    backend=st.sampled_from(BACKENDS),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    log10_c=st.floats(-30, 30),
+    estimator=st.sampled_from(["mom", "mle"]),
+    k=st.integers(2, 12),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_lid_is_scale_invariant(backend, dtype, log10_c, estimator, k, seed):
+    """lid(c x) == lid(x) for c in [1e-30, 1e30]: bit for bit at the nearest power of two
+    (degenerate rows included), and at c itself to float32/float64 accuracy."""
+    g = generator("scale-inv", seed, SESSION_SEED)
+    x = degenerate_batch(g, dtype, n=_n(backend, 48) - 13)
+    l0 = L.lid(x, k=k, estimator=estimator, backend=backend)
+    p = math.ldexp(1.0, round(log10_c * math.log2(10)))
+    assert torch.equal(L.lid(x * p, k=k, estimator=estimator, backend=backend), l0)
+    # At any c: the answer on the rounded inputs c x is the float64 one on those same
+    # inputs, within the formula's conditioning (the fuzz test's check, at scales 1e+-30).
+    xc = (x.double() * 10.0**log10_c).to(dtype)
+    got = L.lid(xc, k=k, estimator=estimator, backend=backend).double()
+    d64 = L.knn(xc.double(), k=k, backend="reference")[0]
+    want = lid_from_distances(d64, estimator, DEFAULT_EPS)
+    tol = lid_rtol(d64, estimator, dtype)
+    ok = torch.isfinite(tol) & (tol > 0) & (tol < 0.5)  # conditioned rows; the rest: finite
+    assert torch.isfinite(got).all()
+    rel = (got - want).abs() / want
+    assert (rel[ok] <= tol[ok]).all(), f"rel {rel[ok].max():.3e}"
