@@ -190,6 +190,20 @@ def test_backward_kernel_matches_torch(dtype, need_ref):
         assert got_r is None
 
 
+@pytest.mark.parametrize("bad", [-1, 61])
+def test_backward_rejects_out_of_range_idx(bad):
+    """An index outside [0, N) raises (a device-side assert on a GPU) instead of a stray read."""
+    if DEV == "cuda":
+        pytest.skip("a device-side assert would poison the CUDA context of the test session")
+    g = generator("triton-bwd-idx")
+    ref = features(61, 5, g)
+    x = ref[:10].clone()
+    dist, idx = torch_backend.knn_forward(x, ref, 4, 0, True)
+    idx[2, 3] = bad
+    with pytest.raises(RuntimeError, match="outside"):
+        T.knn_bwd.knn_backward(torch.ones_like(dist), x, ref, idx, dist, True)
+
+
 def test_torch_compile_fullgraph_through_triton_op():
     """ldreg::knn_triton is an opaque custom op: torch.compile(fullgraph=True) keeps it whole."""
     g = generator("triton-compile")

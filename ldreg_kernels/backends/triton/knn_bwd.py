@@ -59,6 +59,12 @@ def knn_backward(
     ct = dist.dtype
     b, d = x.shape
     k = idx.shape[1]
+    if idx.numel():
+        # The kernel gathers ref[idx] unchecked. Like the CUDA backward's CUDA_KERNEL_ASSERT
+        # (and torch's own indexing), an index outside [0, N) is an error, not a stray read:
+        # torch._assert_async raises at once on the CPU and as a device-side assert on a
+        # GPU, without a host sync, before the kernel runs.
+        torch._assert_async(((idx >= 0) & (idx < ref.shape[0])).all(), "knn_backward (triton): idx outside [0, N)")
     x, ref = x.contiguous(), ref.contiguous()
     gx = torch.empty((b, d), dtype=ct, device=x.device)
     gref = torch.zeros(ref.shape, dtype=ct, device=x.device) if need_ref_grad else None
