@@ -78,21 +78,83 @@ def test_k_near_n():
         assert_knn_matches(dist, idx, x, x, k)
 
 
-def test_large_k_512():
-    """k = 512: buffer of 1024 (k + margin rounded up), smaller than N, so it streams."""
-    g = generator("triton-k512")
-    ref = features(1100, 6, g)
+@pytest.mark.parametrize("n", [1100, 2000])
+def test_large_k_512(n):
+    """k = 512: 640 candidates, two levels over 5 segments of MAX_KP = 256 (the widest
+    buffer that fits shared memory). N = 1100: every segment holds all its rows; N = 2000:
+    400 rows a segment, full buffers, and the bound comes from them."""
+    g = generator("triton-k512", n)
+    ref = features(n, 6, g)
     x = ref[200:208].clone()
+    assert T.knn_fwd._plan(512, n - 1, _host.default_margin(512)) == (640, T.MAX_KP, 5)
     dist, idx = _knn(x, ref, 512, 200, precision="ieee")
     assert_knn_matches(dist, idx, x, ref, 512, self_offset=200)
 
 
-def test_k_past_max_buffer_falls_back(monkeypatch):
+def test_plan_every_k_fits_a_kernel_buffer():
+    """Every k the Triton forward takes selects with buffers of at most MAX_KP entries (wider
+    ones exceed the A100/H100 shared memory: make gpu-aot), and the two-level union holds at
+    least the c = k + margin candidates (SEG_SLACK x c slots)."""
+    F = T.knn_fwd
+    for k in range(1, 2100):
+        for n_valid in (k, k + 1, k + 7, 3 * k, 1 << 20):
+            c = min(k + _host.default_margin(k), n_valid)
+            plan = F._plan(k, n_valid, _host.default_margin(k))
+            if plan is None:
+                assert c > F.MAX_CANDIDATES
+                continue
+            n_cand, kp, nseg = plan
+            assert F.MIN_KP <= kp <= F.MAX_KP and kp & (kp - 1) == 0
+            assert c <= n_cand <= n_valid
+            if nseg > 1:
+                assert n_cand == c and nseg * kp >= F.SEG_SLACK * c and nseg * (kp - 2) >= c
+    assert F._plan(1639, 1 << 20, _host.default_margin(1639)) is not None
+    assert F._plan(1640, 1 << 20, _host.default_margin(1640)) is None
+
+
+def test_k_past_max_candidates_falls_back(monkeypatch):
     g = generator("triton-fallback")
     x = features(30, 5, g)
-    monkeypatch.setattr(T.knn_fwd, "MAX_KP", 32)
+    calls = []
+    fwd = torch_backend.knn_forward
+    monkeypatch.setattr(T.knn_fwd, "MAX_CANDIDATES", 20)
+    monkeypatch.setattr(torch_backend, "knn_forward", lambda *a, **kw: calls.append(a) or fwd(*a, **kw))
     dist, idx = _knn(x, x, 25)
+    assert len(calls) == 1
     assert_knn_matches(dist, idx, x, x, 25)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+def test_two_level_selection_full_segments(monkeypatch, precision):
+    """MAX_KP = 64 and k = 90: 112 candidates from 4 strided segments of 175 rows, each
+    buffer full; equal to the torch backend (the exact answer is unique)."""
+    monkeypatch.setattr(T.knn_fwd, "MAX_KP", 64)
+    g = generator("triton-2level", precision)
+    case = dict(b=40, n=700, d=12, k=90, self_offset=300, kind="manifold")
+    x, ref = make_inputs(case, g, torch.float32)
+    assert T.knn_fwd._plan(90, 699, _host.default_margin(90)) == (112, 64, 4)
+    dist, idx = _knn(x, ref, 90, 300, precision=precision)
+    d0, i0 = torch_backend.knn_forward(x, ref, 90, 300, True)
+    assert torch.equal(idx, i0) and torch.equal(dist, d0)
+
+
+def test_two_level_overflowing_segment_is_redone(monkeypatch):
+    """All near neighbours in one segment (rows = 0 mod 4): its 64-entry buffer cannot hold
+    the 112 candidates, its largest key bounds the left-out rows, the certificate fails and
+    the rows are redone exhaustively: still exact."""
+    monkeypatch.setattr(T.knn_fwd, "MAX_KP", 64)
+    g = generator("triton-2level-adv")
+    ref = features(700, 8, g) + 5.0
+    ref[::4] = 0.01 * features(175, 8, g)
+    x = 0.01 * features(3, 8, g)
+    redone = []
+    exhaustive = _host.exhaustive
+    monkeypatch.setattr(_host, "exhaustive", lambda xr, *a: redone.append(xr.shape[0]) or exhaustive(xr, *a))
+    assert T.knn_fwd._plan(90, 700, _host.default_margin(90)) == (112, 64, 4)
+    dist, idx = _knn(x, ref, 90, excl=False, precision="ieee")
+    assert redone == [3]
+    d0, i0 = torch_backend.knn_forward(x, ref, 90, 0, False)
+    assert torch.equal(idx, i0) and torch.equal(dist, d0)
 
 
 @pytest.mark.parametrize("precision", ["ieee", "bf16"])
@@ -136,6 +198,26 @@ def test_selection_kernel_keeps_smallest_scores():
     assert (score.double() - want).abs().max() < tol
     assert (keys[:, 1:] > keys[:, :-1]).all(), "buffer must be strictly ascending"
     assert not (idx == own.unsqueeze(1)).any()
+
+
+def test_selection_kernel_segments():
+    """nseg = 3 strided segments of 50 rows, kp = 32: each segment's buffer holds the 32
+    smallest keys among its own rows (j = s mod 3), own row excluded."""
+    g = generator("triton-select-seg")
+    ref = features(150, 20, g, torch.float64).float()
+    x = ref[:33].clone()
+    own = torch.arange(33)
+    sq = (ref * ref).sum(1)
+    keys = T.select_candidates(x.to(DEV), ref.to(DEV), sq.to(DEV), own.to(DEV), 32, "ieee", nseg=3).cpu()
+    s_ref = sq - 2 * x.double() @ ref.double().t()
+    s_ref[torch.arange(33), own] = float("inf")
+    tol = 1e-5 * float(sq.max())
+    for s, seg in enumerate(keys.view(33, 3, 32).unbind(1)):
+        idx, score = T.knn_fwd._decode(seg)
+        assert (idx % 3 == s).all() and not (idx == own.unsqueeze(1)).any()
+        assert (seg[:, 1:] > seg[:, :-1]).all()
+        want = torch.sort(s_ref[:, s::3], 1).values[:, :32]
+        assert (score.double() - want).abs().max() < tol
 
 
 def test_precision_setting():

@@ -1,10 +1,11 @@
 """Fused kNN forward in Triton: distance tiles with ``tl.dot`` + streaming top-(k + margin).
 
-One program owns ``BLOCK_M`` queries and streams over the reference set in tiles of
-``BLOCK_N`` rows. For each tile it computes the selection score ``|r_j|^2 - 2 x_i.r_j``
-(the squared distance minus the per-row constant ``|x_i|^2``) with ``tl.dot``, looping over
-D in chunks of ``BLOCK_D``, and merges the tile into a running candidate buffer of
-``KP`` = next power of two >= k + margin entries per row. The B x N matrix is never written.
+One program owns ``BLOCK_M`` queries and one segment of the reference set, and streams over
+that segment in tiles of ``BLOCK_N`` rows. For each tile it computes the selection score
+``|r_j|^2 - 2 x_i.r_j`` (the squared distance minus the per-row constant ``|x_i|^2``) with
+``tl.dot``, looping over D in chunks of ``BLOCK_D``, and merges the tile into a running
+candidate buffer of ``KP`` entries per row (a power of two, 64 <= KP <= ``MAX_KP``). The
+B x N matrix is never written.
 
 Top-k bookkeeping: every (score, index) pair is packed into one int64 key whose order is
 (score, index): the high 32 bits hold the float32 score's bits mapped to a sign-correct
@@ -14,6 +15,21 @@ bitonic sequence holding the KP smallest keys of their union, which one bitonic 
 (log2(KP) compare-and-swap stages) sorts again. A tile whose smallest
 key cannot enter any row's buffer is skipped. Invalid columns (ragged edge, the query's own
 row, excluded by index) get the key ``INT64_MAX`` and are never selected.
+
+Large k, two levels. The buffer lives in registers and the merge's layout changes go
+through shared memory, so a wide buffer does not fit a GPU: KP = 1024 needs 266 KB of
+shared memory per block and KP = 2048 528 KB, against 163 KB (A100) and 227 KB (H100)
+(``tools/gpu_aot.py``). When the c = k + margin candidates need more than ``MAX_KP``
+entries, the reference is split into ``nseg`` strided segments (segment s holds the rows
+j = s (mod nseg), so neighbours that sit together in index order, as in a class-sorted
+batch or a memory bank, spread over all segments) with nseg * MAX_KP >= 2c; each
+(query block, segment) program keeps its segment's MAX_KP smallest keys, and the host
+keeps the c smallest of their union (level two, a ``topk`` over packed keys). Every
+reference row left out then scores at least the smaller of the last kept key and the
+largest key of any segment buffer that was full, and that is the bound the certificate
+uses: a segment that held more than MAX_KP of a row's true candidates (an adversarial
+order) costs that row a redo, never exactness. Candidates past ``MAX_CANDIDATES`` (k >
+1639) go to the chunked torch selection.
 
 The host side (``knn_forward``) then re-ranks the candidates with exact direct-difference
 distances (``_host.rerank``: fp32 accumulate, fp64 for fp64 input) and applies the
@@ -48,8 +64,20 @@ PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 
 # Smallest candidate buffer (= reference tile width BLOCK_N): narrower tiles waste tl.dot.
 MIN_KP = 64
-# Candidate buffers wider than this fall back to the chunked torch selection (k > ~1600).
-MAX_KP = 2048
+# Widest buffer one program keeps; more candidates take the two-level path (module
+# docstring). KP = 512 would fit too with BLOCK_M = 16 (ptxas: 135 KB of shared memory,
+# 24-92 B of spills; 2.3-2.5 KB with BLOCK_M = 32), but each width is one more kernel to
+# compile (4 precisions x 2 cards), and segments of 256 give a GPU more programs to run.
+# Which is faster is for a GPU to measure.
+MAX_KP = 256
+# Two levels: nseg * MAX_KP >= SEG_SLACK * c. With randomly placed neighbours a segment
+# expects c / nseg <= MAX_KP / 2 of a row's c candidates; overflowing its buffer is then a
+# many-sigma event, and it only costs the row a redo.
+SEG_SLACK = 2
+# More candidates per row than this (k + margin > 2048, k > 1639): chunked torch selection.
+MAX_CANDIDATES = 2048
+# Level-two keys held at once (query rows x nseg x MAX_KP int64): 16M keys = 128 MiB.
+KEY_ELEMS = 1 << 24
 
 
 def _interpreting() -> bool:
@@ -98,19 +126,21 @@ def selection_precision(precision: str):
 # hypercube axis, which the interpreter runs element by element in Python; the partner is
 # equally ``sum(pair) - x`` (exact in int64 with wrap-around), and tl.sum is a vectorised
 # reduction in the interpreter and the same butterfly on a GPU.
-@triton.jit
+# NSEG is not specialised: one compiled kernel serves nseg = 1 and every nseg > 1.
+@triton.jit(do_not_specialize=["NSEG"])
 def _knn_select_kernel(
     X,  # (B, D) centred queries, fp32 or bf16
     R,  # (N, D) centred reference, same dtype
     SQR,  # (N,) fp32 |r_j|^2 of the centred reference
-    OWN,  # (B,) int64: reference row excluded for each query (-1: none)
-    OUT,  # (B, BLOCK_N) int64 packed keys, ascending
+    OWN,  # (B,) int64: reference row excluded for each query (-1: none; a load, not a
+    #       constexpr switch, so exclude_self on and off share one compiled kernel)
+    OUT,  # (B, NSEG, BLOCK_N) int64 packed keys, each segment's ascending
     B,
     N,
     D,
+    NSEG,  # reference segments; program (i, s) streams the rows j = s (mod NSEG)
     stride_x,
     stride_r,
-    EXCLUDE: tl.constexpr,
     PRECISION: tl.constexpr,
     IS_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -120,17 +150,18 @@ def _knn_select_kernel(
     N_DIMS: tl.constexpr,  # log2(BLOCK_M * BLOCK_N)
 ):
     pid = tl.program_id(0)
+    seg = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    if EXCLUDE:
-        own = tl.load(OWN + rows, mask=rmask, other=-1)
+    own = tl.load(OWN + rows, mask=rmask, other=-1)
     buf = tl.full([BLOCK_M, BLOCK_N], 0x7FFFFFFFFFFFFFFF, tl.int64)
     worst = tl.full([BLOCK_M], 0x7FFFFFFFFFFFFFFF, tl.int64)  # largest key kept, per row
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + offs_n
+    n_seg = (N - seg + NSEG - 1) // NSEG  # rows of this segment
+    for n0 in range(0, n_seg, BLOCK_N):
+        cols = seg + (n0 + offs_n) * NSEG
         cmask = cols < N
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -148,9 +179,7 @@ def _knn_select_kernel(
         bits = score.to(tl.int32, bitcast=True)
         skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # integer order == float order
         key = (skey.to(tl.int64) << 32) | cols64[None, :]
-        invalid = (cols[None, :] >= N) | (rows[:, None] >= B)
-        if EXCLUDE:
-            invalid = invalid | (cols64[None, :] == own[:, None])
+        invalid = (cols[None, :] >= N) | (rows[:, None] >= B) | (cols64[None, :] == own[:, None])
         key = tl.where(invalid, 0x7FFFFFFFFFFFFFFF, key)
         # Skip the merge when no key of the tile can enter any row's buffer.
         enters = tl.min(key, axis=1) < worst
@@ -175,21 +204,51 @@ def _knn_select_kernel(
                 h = tl.where((h > y) != (is_right != 0), y, h)
             buf = tl.reshape(h, [BLOCK_M, BLOCK_N])
             worst = tl.max(buf, axis=1)
-    tl.store(OUT + rows64[:, None] * BLOCK_N + offs_n[None, :], buf, mask=rmask[:, None])
+    tl.store(OUT + (rows64[:, None] * NSEG + seg) * BLOCK_N + offs_n[None, :], buf, mask=rmask[:, None])
 
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
-def _config(kp: int, d: int, bf16: bool) -> dict:
-    """Block sizes. BLOCK_N equals the candidate buffer width KP (the merge needs it)."""
+def _config(kp: int, d: int, precision: str) -> dict:
+    """Block sizes. BLOCK_N equals the candidate buffer width KP (the merge needs it).
+
+    BLOCK_M x KP int64 keys live in registers, two copies during a merge; ptxas -v
+    (``make gpu-aot``) sized these to spill (almost) nothing on sm_80 and sm_90: BLOCK_M=64
+    at KP=128 spilled 1.2-2.6 KB per thread, so KP >= 128 takes 32 rows, and KP=256 spreads
+    them over 8 warps. "tf32x3" splits both tiles into hi and lo parts: with 32-wide D
+    chunks it spilled 0.2-0.7 KB, with 16-wide ones nothing.
+    """
     if _interpreting():
         # Interpreter: Python overhead per program and per loop step dominates; few big steps.
         return dict(BLOCK_M=32, BLOCK_D=max(16, min(64, _next_pow2(d))), num_warps=4)
-    block_m = 64 if kp <= 128 else (32 if kp <= 256 else 16)
-    block_d = max(16, min(64 if bf16 else 32, _next_pow2(d)))
-    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4 if kp <= 256 else 8)
+    block_m = 64 if kp <= 64 else 32
+    widest = {"bf16": 64, "tf32x3": 16}.get(precision, 32)
+    block_d = max(16, min(widest, _next_pow2(d)))
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8 if kp >= 256 else 4)
+
+
+def _plan(k: int, n_valid: int, margin: int) -> tuple[int, int, int] | None:
+    """(n_cand, kp, nseg) for k neighbours among n_valid reference rows, or None when the
+    torch selection takes over (more than ``MAX_CANDIDATES`` candidates).
+
+    One level (nseg = 1) when the c = min(k + margin, n_valid) candidates fit a kernel
+    buffer: kp = c rounded up to a power of two (>= ``MIN_KP``) and the re-rank gets all
+    min(kp, n_valid) keys it holds. Else two levels: ``MAX_KP``-wide buffers over nseg
+    strided segments, nseg * MAX_KP >= ``SEG_SLACK`` * c, and the re-rank gets the c
+    smallest keys of their union. That union holds at least c valid keys: segment sizes
+    differ by at most 2 (strided, one own row excluded), so if one segment has a full
+    buffer every segment holds >= MAX_KP - 2 keys, nseg * (MAX_KP - 2) >= c; if none is
+    full the union is every valid row.
+    """
+    c = min(k + margin, n_valid)
+    if c > MAX_CANDIDATES:
+        return None
+    kp = max(MIN_KP, _next_pow2(c))
+    if kp <= MAX_KP:
+        return min(kp, n_valid), kp, 1
+    return c, MAX_KP, -(-SEG_SLACK * c // MAX_KP)
 
 
 def _decode(keys: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,11 +259,16 @@ def _decode(keys: Tensor) -> tuple[Tensor, Tensor]:
     return idx, score
 
 
-def select_candidates(xs: Tensor, rs: Tensor, sq_ref: Tensor, own: Tensor | None, kp: int, precision: str) -> Tensor:
-    """Packed keys (B, kp), ascending, of the kp smallest scores |r|^2 - 2 x.r per row.
+def select_candidates(
+    xs: Tensor, rs: Tensor, sq_ref: Tensor, own: Tensor | None, kp: int, precision: str, nseg: int = 1
+) -> Tensor:
+    """Packed keys (B, nseg * kp): for each of the nseg strided reference segments (rows
+    j = s mod nseg), the kp smallest scores |r|^2 - 2 x.r of each row, ascending.
 
     ``xs``/``rs`` are the centred fp32 features (cast to bf16 here for "bf16"); ``own`` (B,)
-    holds the excluded reference row per query, or None. ``kp`` is a power of two >= 16.
+    holds the excluded reference row per query, or None. ``kp`` is a power of two,
+    ``MIN_KP <= kp <= MAX_KP`` on a GPU. Empty slots (a segment with fewer than kp valid
+    rows) hold ``INT64_MAX``.
     """
     bf16 = precision == "bf16"
     sel = torch.bfloat16 if bf16 else torch.float32
@@ -212,19 +276,34 @@ def select_candidates(xs: Tensor, rs: Tensor, sq_ref: Tensor, own: Tensor | None
     rs = rs.to(sel).contiguous()
     b, d = xs.shape
     n = rs.shape[0]
-    keys = torch.empty((b, kp), dtype=torch.int64, device=xs.device)
+    keys = torch.empty((b, nseg * kp), dtype=torch.int64, device=xs.device)
     if b == 0:
         return keys
-    cfg = _config(kp, d, bf16)
-    own_t = own if own is not None else torch.empty(1, dtype=torch.int64, device=xs.device)
-    grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
+    cfg = _config(kp, d, precision)
+    own_t = own if own is not None else torch.full((b,), -1, dtype=torch.int64, device=xs.device)
+    grid = (triton.cdiv(b, cfg["BLOCK_M"]), nseg)
     _knn_select_kernel[grid](
-        xs, rs, sq_ref.float().contiguous(), own_t.contiguous(), keys, b, n, d, xs.stride(0), rs.stride(0),
-        EXCLUDE=own is not None, PRECISION="ieee" if bf16 else precision, IS_BF16=bf16,
+        xs, rs, sq_ref.float().contiguous(), own_t.contiguous(), keys, b, n, d, nseg, xs.stride(0), rs.stride(0),
+        PRECISION="ieee" if bf16 else precision, IS_BF16=bf16,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=kp, BLOCK_D=cfg["BLOCK_D"],
         LOG_N=kp.bit_length() - 1, N_DIMS=(kp * cfg["BLOCK_M"]).bit_length() - 1, num_warps=cfg["num_warps"],
     )
     return keys
+
+
+def _candidates(xs: Tensor, rs: Tensor, sq_ref: Tensor, own: Tensor | None, plan, precision: str) -> tuple[Tensor, Tensor]:
+    """(candidate indices (R, n_cand), bound key (R,)): every reference row left out of the
+    candidates has a key > the bound key, so a score >= its score (the certificate's bound)."""
+    n_cand, kp, nseg = plan
+    keys = select_candidates(xs, rs, sq_ref, own, kp, precision, nseg)
+    if nseg == 1:
+        keys = keys[:, :n_cand]
+        return keys & 0xFFFFFFFF, keys[:, -1]
+    # Level two: the n_cand smallest keys of the union; a full segment buffer dropped rows
+    # with keys above its largest (an unfilled one holds INT64_MAX and dropped none).
+    seg_last = keys.view(-1, nseg, kp)[:, :, -1].amin(dim=1)
+    keys = torch.topk(keys, n_cand, dim=1, largest=False, sorted=True).values
+    return keys & 0xFFFFFFFF, torch.minimum(keys[:, -1], seg_last)
 
 
 # ---------------------------------------------------------------- host forward
@@ -241,8 +320,8 @@ def knn_forward(
 
     Args:
         precision: selection precision (default: ``get_precision()``).
-        margin: extra candidates past k (default ``_host.default_margin(k)``); the buffer
-            is rounded up to a power of two, so usually more are kept.
+        margin: extra candidates past k (default ``_host.default_margin(k)``); a one-level
+            buffer is rounded up to a power of two, so usually more are kept.
     """
     precision = get_precision() if precision is None else precision
     if precision not in PRECISIONS:
@@ -250,26 +329,31 @@ def knn_forward(
     b, n = x.shape[0], ref.shape[0]
     n_valid = n - int(exclude_self)
     m = _host.default_margin(k) if margin is None else margin
-    kp = max(MIN_KP, _next_pow2(min(k + m, n_valid)))
-    if kp > MAX_KP:
-        # Large k: the register-resident buffer would spill badly; use the chunked torch path.
+    plan = _plan(k, n_valid, m)
+    if plan is None:
         return torch_backend.knn_forward(x, ref, k, self_offset, exclude_self, margin)
     xs, rs, sq_x, sq_ref = _host.centred(x, ref)
     own = torch.arange(b, device=x.device) + self_offset if exclude_self else None
     rows = torch.arange(b, device=x.device)
-    return _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, kp, n_valid, precision)
+    return _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, plan, n_valid, precision)
 
 
-def _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, kp, n_valid, precision):
+def _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, plan, n_valid, precision):
     """Select + exact re-rank for the query rows ``rows``; uncertified rows cascade."""
+    n_cand, kp, nseg = plan
     xr = x[rows]
-    keys = select_candidates(xs[rows], rs, sq_ref, None if own is None else own[rows], kp, precision)
-    n_cand = min(kp, n_valid)
-    cand, score = _decode(keys[:, :n_cand])
+    cand = torch.empty((rows.numel(), n_cand), dtype=torch.int64, device=x.device)
+    bound_key = torch.empty(rows.numel(), dtype=torch.int64, device=x.device)
+    step = _host.row_chunk(rows.numel(), nseg * kp, KEY_ELEMS)
+    for s in range(0, rows.numel(), step):
+        rc = rows[s : s + step]
+        cand[s : s + step], bound_key[s : s + step] = _candidates(
+            xs[rc], rs, sq_ref, None if own is None else own[rc], plan, precision
+        )
     dist, idx = _host.rerank(xr, ref, cand, k)
     if n_cand < n_valid and rows.numel():
         ct = sq_x.dtype
-        bound = score[:, -1].to(ct) + sq_x[rows]  # approx. squared distance of the last candidate
+        bound = _decode(bound_key)[1].to(ct) + sq_x[rows]  # approx. squared distance bounding the left-out rows
         # Selection accumulates in fp32 whatever the input; fp64 input is rounded to fp32
         # (one unit) on top of the precision's own input rounding.
         unit = _host.INPUT_UNIT[precision] + (_host.FP32_EPS if ct == torch.float64 else 0.0)
@@ -277,7 +361,7 @@ def _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, kp, n_valid, 
         redo = _host.redo_rows(dist[:, -1], bound, sq_x[rows], sq_ref.max(), coef)
         if redo.numel():
             if precision != "ieee":
-                d2, i2 = _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows[redo], k, kp, n_valid, "ieee")
+                d2, i2 = _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows[redo], k, plan, n_valid, "ieee")
             else:
                 d2, i2 = _host.exhaustive(xr[redo], ref, k, None if own is None else own[rows[redo]])
             dist[redo], idx[redo] = d2.to(dist.dtype), i2
