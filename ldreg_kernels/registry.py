@@ -18,7 +18,9 @@ from ._op import Backend
 from .backends import reference as _reference
 from .backends import torch as _torch
 
-__all__ = ["Backend", "BACKENDS", "LOAD_ERRORS", "register_backend", "resolve_backend", "available_backends"]
+__all__ = [
+    "Backend", "BACKENDS", "LOAD_ERRORS", "register_backend", "resolve_backend", "available_backends", "device_usable",
+]
 
 BACKENDS: dict[str, Backend] = {}
 # Optional backend name -> why it did not load.
@@ -102,7 +104,26 @@ def resolve_backend(name: str, device: torch.device) -> Callable[..., tuple[Tens
     return op
 
 
-def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Names of the backends that load and run on ``device``."""
+def device_usable(device: str | torch.device) -> bool:
+    """Whether tensors of ``device``'s type can exist in this process: "cpu" always, any other
+    type ("cuda", ...) when ``torch.<type>.is_available()`` says so."""
     dev = torch.device(device)
+    if dev.type == "cpu":
+        return True
+    is_available = getattr(getattr(torch, dev.type, None), "is_available", None)
+    return bool(is_available()) if callable(is_available) else False
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends that load here and can run on ``device`` now.
+
+    A backend is listed when it runs on ``device``'s type, loads (its library and compiled
+    kernels are present), and that device type is usable in this process. So on a CPU-only
+    torch, or a machine without a GPU, ``available_backends("cuda")`` is empty: no backend can
+    run on a "cuda" tensor there, although "triton" and "torch" would on a GPU. The device
+    index is ignored.
+    """
+    dev = torch.device(device)
+    if not device_usable(dev):
+        return []
     return [n for n, b in BACKENDS.items() if dev.type in b.devices and _try_load(b)[0] is not None]
