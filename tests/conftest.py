@@ -21,7 +21,11 @@ from utils import SESSION_SEED  # noqa: E402
 
 # With LDREG_REQUIRE_EXT=1 (CI) a backend that should load here and does not is a failure,
 # not a skip: a broken extension or Triton import must not leave CI green with fewer tests.
-REQUIRED = ["cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+# (Triton runs on CPU tensors only under its interpreter, which a GPU session does not set.)
+REQUIRED = {
+    "cpu": ["cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []),
+    "cuda": ["cuda", "triton"] if torch.cuda.is_available() else [],
+}
 
 
 def pytest_report_header(config):
@@ -34,17 +38,24 @@ def pytest_report_header(config):
 def pytest_sessionstart(session):
     if os.environ.get("LDREG_REQUIRE_EXT") != "1":
         return
-    missing = {b: registry.LOAD_ERRORS.get(b, "loaded but unavailable") for b in REQUIRED
-               if b not in L.available_backends("cpu")}
+    missing = {f"{dev}:{b}": registry.LOAD_ERRORS.get(b, "loaded but unavailable")
+               for dev, names in REQUIRED.items() for b in names if b not in L.available_backends(dev)}
     if missing:
         raise pytest.UsageError(f"LDREG_REQUIRE_EXT=1 but these backends did not load: {missing}")
 
 
-# Backends run in this session: every one that loads on the CPU, plus CUDA ones on a GPU.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BACKEND_PARAMS = [
-    pytest.param((dev, b), id=f"{dev}-{b}") for dev in DEVICES for b in L.available_backends(dev)
-]
+# Backends run in this session: every one that loads on the CPU, and on CUDA every one that
+# loads there. Without a GPU the CUDA parametrisation is still collected, skipped, so a dry run
+# (tools/gpu_check.py --dry-run) can check that a GPU session will run it.
+CUDA_BACKENDS = ("reference", "torch", "cuda", "triton")
+BACKEND_PARAMS = [pytest.param(("cpu", b), id=f"cpu-{b}") for b in L.available_backends("cpu")]
+if torch.cuda.is_available():
+    BACKEND_PARAMS += [pytest.param(("cuda", b), id=f"cuda-{b}") for b in L.available_backends("cuda")]
+else:
+    BACKEND_PARAMS += [
+        pytest.param(("cuda", b), id=f"cuda-{b}", marks=pytest.mark.skip(reason="no CUDA device"))
+        for b in CUDA_BACKENDS
+    ]
 
 
 @pytest.fixture(params=BACKEND_PARAMS)
