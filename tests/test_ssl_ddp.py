@@ -36,6 +36,6 @@ def test_torchrun_two_ranks_trains_and_only_rank0_writes(tmp_path, method):
     assert [rec["step"] for rec in log] == [1437 // 128, 2 * (1437 // 128)]
     assert all(rec["reg_loss"] < 0 for rec in log)
     assert 0.3 < summaries[0]["probe_acc"] <= 1 and summaries[0]["gm_lid"] > 1
-    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"])  # loadable without DDP
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "lids.pt", "log.jsonl", "plot.png", "summary.json"]
