@@ -42,6 +42,12 @@ ctest: $(STAMP)
 	cmake --build build/cmake -j2
 	ctest --test-dir build/cmake --output-on-failure
 
+# Build the sdist and the wheel, install each into a fresh venv, check the cpu backend works
+# (.ci/dist_check.sh; a few minutes: two extension builds, two torch installs).
+.PHONY: dist-check
+dist-check:
+	PY=$(PY) .ci/dist_check.sh
+
 # The peers (FAISS, KeOps) are only needed here, not by the tests.
 BENCH_DEPS := faiss-cpu pykeops
 bench: $(STAMP)
