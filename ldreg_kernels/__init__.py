@@ -2,6 +2,7 @@
 
 Public API:
     knn, lid, ldreg_loss   functions (see ``ldreg_kernels.api``)
+    lid_stats, ldreg_loss_with_stats   LID at several k / estimators from one kNN search
     LDReg                  nn.Module
     FeatureQueue           FIFO memory bank of past features, a large ``ref``
     gather_with_grad, global_reference   torch.distributed helpers (``ref="global"``)
@@ -11,7 +12,7 @@ Public API:
 """
 
 from . import reference
-from .api import knn, ldreg_loss, lid
+from .api import LidStats, knn, ldreg_loss, ldreg_loss_with_stats, lid, lid_stats
 from .distributed import gather_with_grad, global_reference
 from .metrics import effective_rank, geometric_mean_lid
 from .nn import LDReg
@@ -24,6 +25,9 @@ __all__ = [
     "knn",
     "lid",
     "ldreg_loss",
+    "lid_stats",
+    "ldreg_loss_with_stats",
+    "LidStats",
     "LDReg",
     "FeatureQueue",
     "gather_with_grad",

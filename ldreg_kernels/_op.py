@@ -24,7 +24,10 @@ from torch import Tensor
 
 from ._host import compute_dtype, range_scale, unscale
 
-__all__ = ["Backend", "define_knn_op", "define_backward_op", "register_native_op"]
+__all__ = ["Backend", "define_knn_op", "define_backward_op", "register_native_op", "backward_of"]
+
+# Forward op qualified name -> the backward op its autograd calls.
+_BACKWARD_OF: dict[str, Callable] = {}
 
 KnnImpl = Callable[[Tensor, Tensor, int, int, bool], "tuple[Tensor, Tensor]"]
 BackwardImpl = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool], "tuple[Tensor, Tensor | None]"]
@@ -145,6 +148,7 @@ def define_knn_op(name: str, impl: KnnImpl, backward_op, device_types=None, fp32
     op.register_fake(fake_knn)
     op.register_autograd(_autograd(backward_op), setup_context=_setup_context)
     _no_autocast(op)
+    _BACKWARD_OF[f"ldreg::knn_{name}"] = backward_op
     return op
 
 
@@ -159,3 +163,9 @@ def register_native_op(forward: str, backward: str) -> None:
     torch.library.register_autograd(
         f"ldreg::{forward}", _autograd(getattr(torch.ops.ldreg, backward)), setup_context=_setup_context
     )
+    _BACKWARD_OF[f"ldreg::{forward}"] = getattr(torch.ops.ldreg, backward)
+
+
+def backward_of(op) -> Callable:
+    """The backward op that ``op``'s autograd runs (its backend's own)."""
+    return _BACKWARD_OF[op._qualified_op_name]

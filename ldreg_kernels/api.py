@@ -7,12 +7,16 @@ path serves eager mode and torch.compile.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple, Optional, Union
 
+import torch
+import torch.distributed as tdist
 from torch import Tensor
 
 from . import _validate as V
 from .distributed import resolve_global_ref
+from ._op import backward_of
 from .estimators import lid_from_distances, regularizer
 from .registry import resolve_backend
 
@@ -41,6 +45,38 @@ def _global_ref(
         resolve_backend(backend, x.device)
 
     return resolve_global_ref(x, ref, k, check)
+
+
+class _Call(NamedTuple):
+    """A validated kNN call: the op and its arguments (``ref`` resolved to a tensor)."""
+
+    op: Callable[..., tuple[Tensor, Tensor]]
+    ref: Tensor
+    k: int
+    self_offset: int
+    exclude_self: bool
+
+
+def _prepare(
+    x: Tensor, ref: RefLike, k: object, exclude_self: Optional[bool], self_offset: object, backend: str,
+    *checks: Callable[[], None],
+) -> _Call:
+    """Validate a kNN call (``checks`` run with the local ones, inside a global ref's
+    metadata exchange) and resolve its reference and backend."""
+    k, self_offset = V.as_int(k, "k"), V.as_int(self_offset, "self_offset")
+    exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
+    if isinstance(ref, str):
+        ref, self_offset = _global_ref(x, ref, k, self_offset, backend, *checks)
+    for c in checks:
+        c()
+    V.check_features(x, "x")
+    if ref is None:
+        ref = x.detach()
+    else:
+        V.check_features(ref, "ref")
+        V.check_pair(x, ref)
+    V.check_k(k, ref.shape[0], x.shape[0], exclude_self, self_offset)
+    return _Call(resolve_backend(backend, x.device), ref, k, self_offset, exclude_self)
 
 
 def knn(
@@ -83,19 +119,8 @@ def knn(
     Raises:
         TypeError, ValueError: bad arguments, or NaN/Inf in ``x`` or ``ref``.
     """
-    k, self_offset = V.as_int(k, "k"), V.as_int(self_offset, "self_offset")
-    exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
-    if isinstance(ref, str):
-        ref, self_offset = _global_ref(x, ref, k, self_offset, backend)
-    V.check_features(x, "x")
-    if ref is None:
-        ref = x.detach()
-    else:
-        V.check_features(ref, "ref")
-        V.check_pair(x, ref)
-    V.check_k(k, ref.shape[0], x.shape[0], exclude_self, self_offset)
-    op = resolve_backend(backend, x.device)
-    return op(x, ref, k, self_offset, bool(exclude_self))
+    call = _prepare(x, ref, k, exclude_self, self_offset, backend)
+    return call.op(x, call.ref, call.k, call.self_offset, call.exclude_self)
 
 
 def lid(
@@ -115,7 +140,8 @@ def lid(
         x, ref, k, exclude_self, self_offset, backend: as in :func:`knn`; k >= 2.
         estimator: "mom" (method of moments, the paper's Algorithm 1:
             ``m / (w - m)``, m the mean of the first k-1 distances, w the k-th) or "mle"
-            (Levina-Bickel: ``-k / sum_j ln(r_j / w)``).
+            (Amsaleg et al.'s form, as the official code: ``-k / sum_j ln(r_j / w)``;
+            Levina-Bickel's has k - 1 in the numerator).
         eps: relative floor, in (0, 1), that keeps degenerate neighbourhoods finite
             (equidistant or zero distances): a fraction of each row's k-th distance, so
             LID stays scale-free; see ``ldreg_kernels.estimators``.
@@ -181,3 +207,153 @@ def ldreg_loss(
         self_offset=self_offset, backend=backend,
     )
     return regularizer(lids, float(beta), reg)
+
+
+@dataclass(frozen=True)
+class LidStats:
+    """Per-sample LIDs from one kNN search, keyed ``(estimator, k)``; detached.
+
+    ``gm()`` gives their geometric means as 0-d tensors (no device sync); ``to_dict()`` gives
+    floats named like ``"lid_mle_k32"`` for a logger (one sync for all of them).
+    """
+
+    lids: dict[tuple[str, int], Tensor]
+
+    def gm(self) -> dict[tuple[str, int], Tensor]:
+        """exp(mean ln LID) per key, accumulated in float64."""
+        return {key: torch.log(v.double()).mean().exp() for key, v in self.lids.items()}
+
+    def to_dict(self, prefix: str = "lid") -> dict[str, float]:
+        """``{f"{prefix}_{estimator}_k{k}": geometric mean}`` as Python floats."""
+        gm = self.gm()
+        if not gm:
+            return {}
+        values = torch.stack(list(gm.values())).tolist()
+        return {f"{prefix}_{est}_k{k}": v for (est, k), v in zip(gm, values)}
+
+
+def _check_stats_args(ks: object, estimators: object) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+        raise TypeError(f"ks must be a sequence of ints, got {type(ks).__name__}")
+    ks = tuple(sorted({V.as_int(k, "ks[i]") for k in ks}))
+    if isinstance(estimators, str) or not isinstance(estimators, Iterable):
+        raise TypeError(f"estimators must be a sequence of estimator names, got {type(estimators).__name__}")
+    estimators = tuple(dict.fromkeys(estimators))
+    if not ks or not estimators:
+        raise ValueError("ks and estimators must each name at least one value")
+    for est in estimators:
+        if est not in V.ESTIMATORS:
+            raise ValueError(f"estimators must be drawn from {V.ESTIMATORS}, got {est!r}")
+    if ks[0] < 2:
+        raise ValueError(f"every k in ks must be >= 2 to estimate LID, got {ks[0]}")
+    return ks, estimators
+
+
+def _stats(dist: Tensor, ks: Iterable[int], estimators: Iterable[str], eps: float) -> LidStats:
+    """LIDs from the first k columns of one ascending (B, K) distance matrix, for each k <= K:
+    the k nearest are the first k columns of the K nearest, ties included."""
+    dist = dist.detach()
+    return LidStats({(est, k): lid_from_distances(dist[:, :k], est, eps)
+                     for est in estimators for k in ks if k <= dist.shape[1]})
+
+
+@torch.no_grad()
+def lid_stats(
+    x: Tensor,
+    ref: RefLike = None,
+    ks: Iterable[int] = (32, 512),
+    estimators: Iterable[str] = ("mle", "mom"),
+    *,
+    eps: float = DEFAULT_EPS,
+    exclude_self: Optional[bool] = None,
+    self_offset: int = 0,
+    backend: str = "auto",
+) -> LidStats:
+    """LID of each row of ``x`` at several k and estimators, from one kNN search at max(ks).
+
+    The official LDReg code tracks MLE LID at k=32 and k=512 on every step with a full
+    ``cdist`` + ``sort`` each; this costs one kNN. Equal to separate :func:`lid` calls (the
+    same exact distances). No gradient.
+
+    Args:
+        x, ref, exclude_self, self_offset, backend, eps: as in :func:`lid`.
+        ks: neighbour counts, each >= 2 and within the reference (max(ks) <= N - 1 with
+            self excluded, else <= N).
+        estimators: names from ("mom", "mle").
+
+    Returns:
+        :class:`LidStats` with a (B,) tensor per (estimator, k).
+    """
+    ks, estimators = _check_stats_args(ks, estimators)
+    eps = V.as_real(eps, "eps")
+    call = _prepare(x, ref, ks[-1], exclude_self, self_offset, backend,
+                    lambda: V.check_lid_args(ks[0], estimators[0], eps))
+    dist, _ = call.op(x, call.ref, call.k, call.self_offset, call.exclude_self)
+    return _stats(dist, ks, estimators, eps)
+
+
+class _FirstColumns(torch.autograd.Function):
+    """The first k columns of a kNN computed without grad, differentiable through the
+    backend's own backward op on those k columns only (not all K)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ref: Tensor, dist: Tensor, idx: Tensor, backward) -> Tensor:
+        ctx.backward = backward
+        ctx.save_for_backward(x, ref, idx, dist)
+        return dist.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, ref, idx, dist = ctx.saved_tensors
+        need_x, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gref = ctx.backward(grad.contiguous(), x, ref, idx, dist, need_ref)
+        return (gx if need_x else None), (gref if need_ref else None), None, None, None
+
+
+def ldreg_loss_with_stats(
+    x: Tensor,
+    ref: RefLike = None,
+    k: int = 64,
+    beta: float = 0.01,
+    *,
+    ks: Iterable[int] = (32, 512),
+    estimators: Iterable[str] = ("mle",),
+    reg: str = "l1",
+    estimator: str = "mom",
+    eps: float = DEFAULT_EPS,
+    exclude_self: Optional[bool] = None,
+    self_offset: int = 0,
+    backend: str = "auto",
+) -> tuple[Tensor, LidStats]:
+    """:func:`ldreg_loss` plus LID monitoring at ``ks`` from the same kNN search.
+
+    One search at K = max(k, max(ks)). The loss's gradient flows through the first k
+    columns only, by the backend's backward op, so the backward costs what a k search's
+    does. A k in ``ks`` that the reference cannot supply (a small last batch) is left out of
+    that call's stats rather than failing the training step.
+
+    Returns:
+        (loss, :class:`LidStats`); the stats are detached.
+    """
+    ks, estimators = _check_stats_args(ks, estimators)
+    k, beta, eps = V.as_int(k, "k"), V.as_real(beta, "beta"), V.as_real(eps, "eps")
+    V.check_lid_args(k, estimator, eps)
+    V.check_reg_args(beta, reg)
+    excl = V.resolve_exclude_self(exclude_self, ref, V.as_int(self_offset, "self_offset"))
+    if isinstance(ref, str):  # the gathered batch: every rank's B is the same (checked)
+        n_ref = x.shape[0] * (tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1)
+    else:
+        n_ref = x.shape[0] if ref is None else ref.shape[0]
+    big = max([k] + [m for m in ks if m <= n_ref - int(excl)])
+    call = _prepare(x, ref, big, exclude_self, self_offset, backend,
+                    lambda: V.check_lid_args(k, estimator, eps), lambda: V.check_reg_args(beta, reg))
+    args = (x, call.ref, call.k, call.self_offset, call.exclude_self)
+    if big == k or not torch.is_grad_enabled():
+        dist, _ = call.op(*args)
+        dk = dist[:, :k]
+    else:
+        with torch.no_grad():
+            dist, idx = call.op(*args)
+        dk = _FirstColumns.apply(x, call.ref, dist[:, :k].contiguous(), idx[:, :k].contiguous(), backward_of(call.op))
+    loss = regularizer(lid_from_distances(dk, estimator, eps), beta, reg)
+    return loss, _stats(dist, ks, estimators, eps)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 from torch import Tensor, nn
 
 from . import _validate as V
-from .api import DEFAULT_EPS, RefLike, ldreg_loss
+from .api import DEFAULT_EPS, LidStats, RefLike, _check_stats_args, ldreg_loss, ldreg_loss_with_stats
 from .registry import BACKENDS
 
 
@@ -25,6 +25,12 @@ class LDReg(nn.Module):
         estimator: "mom" (paper) or "mle".
         eps: relative floor in (0, 1) that keeps degenerate neighbourhoods finite.
         backend: "auto" or a name from ``ldreg_kernels.available_backends()``.
+        monitor_ks: LID monitoring, as the official code logs every step (MLE at k=32 and
+            512): each forward also computes the LIDs at these k from the same kNN search
+            (one search at max(k, max(monitor_ks)); the backward still costs a k search's)
+            and keeps them, detached, in ``last_stats`` (:class:`ldreg_kernels.LidStats`;
+            ``last_stats.to_dict()`` gives floats for a logger). Empty: no monitoring.
+        monitor_estimators: estimators for the monitor ("mle", "mom").
 
     Shape:
         forward(x: (B, D), ref: (N, D), None, "global" or "global_grad") -> scalar.
@@ -34,6 +40,8 @@ class LDReg(nn.Module):
         >>> loss = ssl_loss + reg(encoder_output)
         >>> loss = ssl_loss + reg(encoder_output, ref="global")  # under DDP: the global batch
         >>> loss = ssl_loss + reg(encoder_output, ref=queue.features(), exclude_self=False)
+        >>> reg = LDReg(k=64, beta=0.01, monitor_ks=(32, 512))
+        >>> loss = ssl_loss + reg(encoder_output); log(reg.last_stats.to_dict())
     """
 
     def __init__(
@@ -44,8 +52,16 @@ class LDReg(nn.Module):
         estimator: str = "mom",
         eps: float = DEFAULT_EPS,
         backend: str = "auto",
+        monitor_ks: Iterable[int] = (),
+        monitor_estimators: Iterable[str] = ("mle",),
     ) -> None:
         super().__init__()
+        if isinstance(monitor_ks, (tuple, list)) and not monitor_ks:
+            monitor_ks = ()  # no monitoring
+        else:
+            monitor_ks, monitor_estimators = _check_stats_args(monitor_ks, monitor_estimators)
+        self.monitor_ks, self.monitor_estimators = monitor_ks, tuple(monitor_estimators)
+        self.last_stats: Optional[LidStats] = None
         k, beta, eps = V.as_int(k, "k"), V.as_real(beta, "beta"), V.as_real(eps, "eps")
         V.check_lid_args(k, estimator, eps)
         V.check_reg_args(beta, reg)
@@ -71,13 +87,17 @@ class LDReg(nn.Module):
                 (a memory bank such as :class:`ldreg_kernels.FeatureQueue`); pass True for
                 a tensor that holds the queries.
         """
-        return ldreg_loss(
-            x, ref, self.k, self.beta, reg=self.reg, estimator=self.estimator, eps=self.eps,
-            exclude_self=exclude_self, self_offset=self_offset, backend=self.backend,
+        common = dict(reg=self.reg, estimator=self.estimator, eps=self.eps, exclude_self=exclude_self,
+                      self_offset=self_offset, backend=self.backend)
+        if not self.monitor_ks:
+            return ldreg_loss(x, ref, self.k, self.beta, **common)
+        loss, self.last_stats = ldreg_loss_with_stats(
+            x, ref, self.k, self.beta, ks=self.monitor_ks, estimators=self.monitor_estimators, **common
         )
+        return loss
 
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, beta={self.beta}, reg={self.reg!r}, estimator={self.estimator!r}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}" + (f", monitor_ks={self.monitor_ks}" if self.monitor_ks else "")
         )
