@@ -3,7 +3,8 @@
 Every backend is tested against this module. It materialises the full B x N distance
 matrix with direct differences (no ``|x|^2 + |y|^2 - 2xy`` cancellation) and sorts it,
 so run it in float64 when precision is in question. It has no ``eps`` guards: it is the
-literal formula of the paper (Amsaleg et al. MoM, Levina-Bickel MLE), and degenerate
+literal formula of the paper and the official code (MoM; the MLE in Amsaleg et al.'s form,
+k / sum ln(w / r_j), whose numerator Levina-Bickel's k - 1 would replace), and degenerate
 inputs give what that formula gives (inf/NaN), unlike the public API.
 
 Reference: Huang et al., "LDReg: Local Dimensionality Regularized Self-Supervised
@@ -57,7 +58,8 @@ def lid_mom(dist: Tensor) -> Tensor:
 
 
 def lid_mle(dist: Tensor) -> Tensor:
-    """Levina-Bickel MLE from sorted distances (B, k): -k / sum_j ln(r_j / r_k)."""
+    """MLE (Amsaleg et al.; the official code's) from sorted distances (B, k):
+    -k / sum_j ln(r_j / r_k). Levina-Bickel's has k - 1 in the numerator."""
     k = dist.shape[1]
     return -k / torch.log(dist / dist[:, -1:]).sum(dim=1)
 
