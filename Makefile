@@ -56,3 +56,16 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info ldreg_kernels/_C*.so
+
+# One command for a lent GPU (tools/gpu_check.py): build with CUDA, the suite on CUDA,
+# compute-sanitizer, the GPU sweep's first part; logs and summary.md under GPU_CHECK_OUT.
+# The device machine has no venv and no package index: it runs with its own python3.
+# `make gpu-check-dry` runs every step's CPU form here (CI).
+GPU_CHECK_OUT ?= $(or $(OUT),runs/gpu-check)
+gpu-check:
+	python3 tools/gpu_check.py --out $(GPU_CHECK_OUT)
+
+gpu-check-dry: $(STAMP)
+	$(BIN)/python tools/gpu_check.py --out runs/gpu-check-dry --dry-run --steps backends,tests,sanitizer
+
+.PHONY: gpu-check gpu-check-dry

@@ -26,7 +26,10 @@ BACKENDS: dict[str, Backend] = {}
 # Optional backend name -> why it did not load.
 LOAD_ERRORS: dict[str, str] = {}
 # "auto" tries these in order, per device type; the first that loads wins.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# On CUDA tensors "auto" picks torch until the GPU suite (make gpu-check) has passed on a
+# real card: the cuda and triton kernels have only been compiled ahead of time and run under
+# the Triton interpreter, so they are opt-in (backend="cuda"/"triton") until then.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("torch",), "cpu": ("cpu", "torch")}
 _warned: set[str] = set()
 
 

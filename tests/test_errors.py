@@ -289,3 +289,11 @@ def test_feature_queue_bad_state_and_use():
     # An empty queue as ref, or one smaller than k: the usual clear errors.
     _raises(ValueError, "ref is empty: shape (0, 4)", L.lid, X, L.FeatureQueue(8, 4).features(), 3, exclude_self=False)
     _raises(ValueError, "k=6 exceeds the N = 5 reference rows", L.lid, X, q.features(), 6, exclude_self=False)
+
+
+def test_auto_on_cuda_picks_torch_until_the_gpu_suite_has_passed():
+    """cuda and triton have never run on a GPU: "auto" must not pick them (issue #13). Resolving
+    needs no GPU: the registry only matches the device type."""
+    from ldreg_kernels import registry
+
+    assert registry.resolve_backend("auto", torch.device("cuda")) is torch.ops.ldreg.knn_torch
