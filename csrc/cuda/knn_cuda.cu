@@ -28,10 +28,12 @@
 // feature (fixed order: deterministic); grad_ref by atomicAdd into an fp32/fp64 buffer.
 //
 // Limits: k <= kMaxK = 4096. The selection buffer needs nextpow2(m + 256) entries and the
-// re-rank buffer nextpow2(m) entries of (acc_t, int32) in shared memory: at k = 4096
-// (m = 5120) that is 8192 entries = 96 KiB (fp32: 64 KiB), above the 48 KiB default and
-// therefore opted in with cudaFuncSetAttribute; A100 (163 KiB) and H100 (227 KiB) allow it.
-// The device's opt-in limit is checked at run time with a clear error.
+// re-rank buffer nextpow2(m) entries of (acc_t, int32) in shared memory (smem_plan.h): at
+// k = 4096 (m = 5120) that is 8192 entries = 96 KiB (fp32: 64 KiB). A launch whose dynamic
+// plus static shared memory exceeds 48 KiB is opted in with cudaFuncSetAttribute (static
+// size queried with cudaFuncGetAttributes); A100 (163 KiB) and H100 (227 KiB) allow it.
+// The device's opt-in limit is checked at run time with a clear error. make gpu-aot checks
+// both rules for every k <= kMaxK against ptxas's static sizes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -47,6 +49,7 @@
 #include <type_traits>
 
 #include "../knn.h"
+#include "smem_plan.h"
 
 #ifndef CUDA_KERNEL_ASSERT
 #include <cassert>
@@ -61,16 +64,11 @@ namespace {
 
 constexpr int64_t kScoreElems = int64_t{1} << 22;  // 16 MiB of fp32 scores per tile
 constexpr int64_t kMaxQueryBlock = 8192;
-constexpr int64_t kMaxK = 4096;
-constexpr int kSelThreads = 256;     // select_kernel block (multiple of 32: warp ballots)
+using cuda_smem::kMaxK;
+using cuda_smem::kSelThreads;
+using cuda_smem::next_pow2;
 constexpr int kRerankThreads = 256;  // rerank_kernel block: 8 warps, one candidate each
 constexpr unsigned kFullMask = 0xffffffffu;
-
-int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
 
 template <typename T>
 __device__ __forceinline__ bool is_nan(T v) { return v != v; }
@@ -316,17 +314,21 @@ __global__ void backward_kernel(const acc_t* __restrict__ coef, const scalar_t* 
   }
 }
 
-// Opts a kernel into `bytes` of dynamic shared memory, with a clear error where the device
-// cannot give that much.
+// Prepares a launch of `kernel` with `bytes` of dynamic shared memory: a clear error where
+// the device cannot give that much, and the opt-in attribute where dynamic plus static
+// shared memory exceeds 48 KiB (without it such a launch fails). Every launch with dynamic
+// shared memory goes through here (make gpu-aot checks it).
 template <typename Kernel>
 void prepare_smem(Kernel kernel, size_t bytes, int device, int64_t k, const char* what) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK_VALUE(bytes + 1024 <= static_cast<size_t>(optin), "knn (cuda): k=", k, " needs ",
-                    bytes, " bytes of shared memory for the ", what,
-                    " buffer, more than this device allows per block (", optin,
+  TORCH_CHECK_VALUE(bytes + attr.sharedSizeBytes <= static_cast<size_t>(optin), "knn (cuda): k=", k,
+                    " needs ", bytes, " + ", attr.sharedSizeBytes, " bytes of shared memory for the ",
+                    what, " buffer, more than this device allows per block (", optin,
                     "); use a smaller k or backend='torch'");
-  if (bytes > 48 * 1024) {
+  if (cuda_smem::needs_optin(bytes, attr.sharedSizeBytes)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
@@ -342,11 +344,9 @@ void knn_cuda_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_
   const int device = x.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
 
-  const int64_t cap = next_pow2(m + kSelThreads);
-  const int64_t p2 = next_pow2(m);
-  const size_t ent = sizeof(acc_t) + sizeof(int);
-  const size_t smem_sel = static_cast<size_t>(cap) * ent;
-  const size_t smem_rr = static_cast<size_t>(p2) * ent;
+  const cuda_smem::Plan plan = cuda_smem::plan(m, sizeof(acc_t));
+  const int64_t cap = plan.cap, p2 = plan.p2;
+  const size_t smem_sel = plan.select_bytes, smem_rr = plan.rerank_bytes;
   prepare_smem(select_kernel<acc_t>, smem_sel, device, k, "selection");
   prepare_smem(rerank_kernel<scalar_t, acc_t>, smem_rr, device, k, "re-rank");
 
