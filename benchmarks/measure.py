@@ -44,6 +44,12 @@ def make_inputs(b: int, n: int, d: int, device: torch.device, seed: int = 0) -> 
     return x, ref
 
 
+def selection_flops(b: int, n: int, d: int) -> float:
+    """Flops of the neighbour selection's matmul, 2*B*N*D: the floor's work, and the count
+    behind every TFLOP/s the benchmarks report (forward and forward+backward alike)."""
+    return 2.0 * b * n * d
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -209,14 +209,36 @@ def _gather_loss(knn: KnnFn) -> Callable[[Tensor, Tensor | None, int], Tensor]:
 
 
 # ---------------------------------------------------------------- ours
+OPS = ("knn", "lid", "ldreg_loss")
+
+
+def ours_op(op: str, backend: str) -> Callable[[Tensor, Tensor | None, int], object]:
+    """Our public op ``op`` (one of ``OPS``) on ``backend``, called as ``fn(x, ref, k)``.
+
+    The benchmarks' conventions, shared by the sweep and the pytest-benchmark
+    microbenchmarks (benchmarks/test_micro.py): ``ref=None`` is the batch itself with self
+    excluded, a tensor ``ref`` a bank that does not hold the queries; MoM LID; the loss is
+    the paper's l1 term with ``BETA``. Returns ``knn``'s ``(dist, idx)``, ``lid``'s (B,)
+    LIDs or the scalar loss.
+    """
+    if op == "knn":
+        return lambda x, ref, k: L.knn(x, ref, k, exclude_self=ref is None, backend=backend)
+    if op == "lid":
+        return lambda x, ref, k: L.lid(x, ref, k, exclude_self=ref is None, backend=backend)
+    if op == "ldreg_loss":
+        return lambda x, ref, k: L.ldreg_loss(x, ref, k, BETA, exclude_self=ref is None, backend=backend)
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def timed_backends(device: torch.device) -> list[str]:
+    """Our backends worth timing on ``device``: every available one except Triton off CUDA
+    (on the CPU it runs under its interpreter, which is for tests, not timing)."""
+    return [b for b in L.available_backends(device) if b != "triton" or device.type == "cuda"]
+
+
 def _ours(backend: str) -> Method:
-    def knn(x: Tensor, ref: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-        return L.knn(x, ref, k, exclude_self=ref is None, backend=backend)
-
-    def loss(x: Tensor, ref: Tensor | None, k: int) -> Tensor:
-        return L.ldreg_loss(x, ref, k, BETA, exclude_self=ref is None, backend=backend)
-
-    return Method(f"ours-{backend}", "ours", knn, f"ldreg_kernels.ldreg_loss(backend={backend!r})", loss=loss)
+    return Method(f"ours-{backend}", "ours", ours_op("knn", backend),
+                  f"ldreg_kernels.ldreg_loss(backend={backend!r})", loss=ours_op("ldreg_loss", backend))
 
 
 class FloorMM:
@@ -261,11 +283,9 @@ def methods(device: torch.device) -> list[Method]:
     out.append(Method("faiss", "peer", faiss_knn, faiss_note, loss=_gather_loss(faiss_knn), unavailable=faiss_missing))
     out.append(Method("keops", "peer", keops_knn, keops_note, loss=_gather_loss(keops_knn),
                       unavailable=_package_missing("pykeops")))
-    for b in L.available_backends(device):
-        # "reference" is the oracle above; never time Triton's CPU interpreter.
-        if b == "reference" or (b == "triton" and device.type != "cuda"):
-            continue
-        out.append(_ours(b))
+    for b in timed_backends(device):
+        if b != "reference":  # "reference" is the oracle above
+            out.append(_ours(b))
     floor = FloorMM()
     out.append(Method("floor", "floor", floor, "bare x @ ref.T of the same shape into a preallocated output "
                       "(fwd only; drawn dashed)", autograd=False, bytes_per_pair=4, reset=floor.reset))
