@@ -69,3 +69,12 @@ gpu-check-dry: $(STAMP)
 	$(BIN)/python tools/gpu_check.py --out runs/gpu-check-dry --dry-run --steps backends,tests,sanitizer
 
 .PHONY: gpu-check gpu-check-dry
+
+# Compile every Triton config the dispatcher launches and csrc/cuda for sm_80/sm_90 with
+# ptxas -v, no GPU needed; fail on shared memory over the card's limit, spills over budget,
+# or a CUDA launch missing the >48 KiB opt-in (tools/gpu_aot.py). Cached under
+# ~/.cache/ldreg_kernels/gpu_aot. GPU_AOT_FLAGS=--all: ptxas for every precision.
+GPU_AOT_FLAGS ?=
+gpu-aot: $(STAMP)
+	$(BIN)/python tools/gpu_aot.py $(GPU_AOT_FLAGS)
+.PHONY: gpu-aot
