@@ -6,13 +6,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch 2.13.0's CPU wheel is on local disk on the dev/CI machines; triton runs the kernels
 # under TRITON_INTERPRET=1 there.
-DEPS := torch==2.13.0 triton==3.6.0 numpy pytest hypothesis mlxtend tqdm matplotlib ninja "setuptools>=77" wheel
+# pytest-benchmark, torchmetrics and Lightning: the microbenchmarks and the integrations' tests.
+DEPS := torch==2.13.0 triton==3.6.0 numpy pytest hypothesis mlxtend tqdm matplotlib ninja "setuptools>=77" wheel \
+        pytest-benchmark==5.3.1 torchmetrics==1.9.0 pytorch-lightning==2.6.6
 
 .PHONY: venv test demo bench ctest nvcc-check clean
 
-$(STAMP): pyproject.toml setup.py
+# lightly without its dependencies: it requires torchvision, whose install would replace this torch
+# (no torchvision loads beside torch 2.13.0+cpu); the parts examples/lightly_ldreg.py uses need none.
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(DEPS)
+	$(BIN)/pip install -q --no-deps lightly==1.6.0
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -78,3 +83,13 @@ GPU_AOT_FLAGS ?=
 gpu-aot: $(STAMP)
 	$(BIN)/python tools/gpu_aot.py $(GPU_AOT_FLAGS)
 .PHONY: gpu-aot
+
+# pytest-benchmark microbenchmarks (benchmarks/test_micro.py), ~2 min on 2 CPU cores.
+# MICROBENCH_ARGS=--benchmark-autosave saves a run; MICROBENCH_ARGS=--benchmark-compare compares with the last saved one.
+MICROBENCH_ARGS ?=
+microbench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks --benchmark-only $(MICROBENCH_ARGS)
+# Every microbenchmark once, on tiny shapes (CI; ~10 s). --benchmark-only cannot be combined with --benchmark-disable.
+microbench-smoke: $(STAMP)
+	$(BIN)/python -m pytest -q benchmarks --benchmark-disable
+.PHONY: microbench microbench-smoke
