@@ -6,9 +6,10 @@ Triton. The launches are recorded from the project's own host code, not from a l
 ``@triton.jit`` kernels are swapped for recorders and the launch sites
 (``knn_fwd.select_candidates`` for every buffer width and segment count that
 ``knn_fwd._plan`` picks for some k, every selection precision, with and without
-exclude_self; ``knn_bwd.knn_backward`` for every input dtype, with and without grad_ref) are
-driven on small CPU tensors. Each recorded launch is specialised as the JIT does it
-(``JITFunction``'s binder and ``_pack_args``) and compiled by Triton's own stages for
+exclude_self; ``knn_bwd.knn_backward`` for every input dtype, with and without grad_ref,
+by atomics and by the deterministic reduction) are driven on small CPU tensors. Each
+recorded launch is specialised as the JIT does it (``JITFunction``'s binder and
+``_pack_args``) and compiled by Triton's own stages for
 ``GPUTarget("cuda", 80 | 90, 32)``: TTIR, TTGIR, LLVM IR (where the shared-memory size
 Triton checks at load time is decided), then PTX and Triton's bundled ptxas with ``-v``
 (registers, spills). Shared memory comes from Triton's own allocation pass, run on the
@@ -262,17 +263,24 @@ def record_triton_launches(variants: bool = False) -> tuple[list[Launch], dict, 
                                      tail=f"{prec}{'' if excl else ' noexcl'}{shape}")
                         rec.tag = (forward_label(extra), (0, kp, prec, not excl, shape), extra)
                         fwd.select_candidates(xs, rs, sq, own if excl else None, kp, prec, nseg)
-        rec = recs[("knn_bwd", "_knn_bwd_kernel")][1]
+        bwd_recs = [recs[("knn_bwd", name)][1] for name in ("_knn_bwd_kernel", "_knn_bwd_ref_sorted_kernel")]
+        det_mode = torch.are_deterministic_algorithms_enabled()
         for d in [128] + ([8, 100] if variants else []):
             for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 ct = _host.compute_dtype(dt)
                 b, n, k = 256, 4096, 32
                 x, ref = torch.randn(b, d, generator=g).to(dt), torch.randn(n, d, generator=g).to(dt)
                 idx, dist = torch.randint(0, n, (b, k), generator=g), torch.rand(b, k, generator=g).to(ct)
-                for need_ref in (True, False):
-                    label = f"x={str(dt)[6:]} grad_ref={int(need_ref)}" + ("" if d == 128 else f" D={d}")
-                    rec.tag = (label, (1, str(dt), need_ref, d), {})
-                    bwd.knn_backward(dist, x, ref, idx, dist, need_ref)
+                # grad_ref by atomics, none, or (deterministic mode) by the sorted reduction.
+                for need_ref, det in ((True, False), (False, False), (True, True)):
+                    label = f"x={str(dt)[6:]} grad_ref={int(need_ref)}{' det' if det else ''}" + ("" if d == 128 else f" D={d}")
+                    for rec in bwd_recs:
+                        rec.tag = (label, (1, str(dt), need_ref, det, d), {})
+                    torch.use_deterministic_algorithms(det)
+                    try:
+                        bwd.knn_backward(dist, x, ref, idx, dist, need_ref)
+                    finally:
+                        torch.use_deterministic_algorithms(det_mode)
     finally:
         for (mname, attr), (jit, _) in recs.items():
             setattr(mods[mname], attr, jit)

@@ -25,7 +25,11 @@
 //      allowed for cuBLAS). Those rows are redone by redo_exhaustive (ATen, direct
 //      differences against every reference row, streamed in bounded blocks).
 // Backward: one block per query row, threads over features; grad_x_i in a register per
-// feature (fixed order: deterministic); grad_ref by atomicAdd into an fp32/fp64 buffer.
+// feature (fixed order: deterministic); grad_ref by atomicAdd into an fp32/fp64 buffer
+// (relaxed, run-to-run order varies). Under torch.use_deterministic_algorithms(True)
+// grad_ref is a sorted segment reduction instead: the (query, neighbour) pairs are sorted by
+// neighbour (stable: by query within it), and one block per reference row sums its segment
+// in that order (backward_ref_sorted_kernel): bit-identical from run to run.
 //
 // Limits: k <= kMaxK = 4096. The selection buffer needs nextpow2(m + 256) entries and the
 // re-rank buffer nextpow2(m) entries of (acc_t, int32) in shared memory (smem_plan.h): at
@@ -314,6 +318,30 @@ __global__ void backward_kernel(const acc_t* __restrict__ coef, const scalar_t* 
   }
 }
 
+// grad_ref without atomics: one block per reference row j, threads over features; the
+// pairs order[start[j] .. start[j + 1]) (flat indices i * k + c into idx, sorted by (j, i))
+// are summed in that order. The terms are the same expressions as backward_kernel's.
+template <typename scalar_t, typename acc_t>
+__global__ void backward_ref_sorted_kernel(const acc_t* __restrict__ coef, const scalar_t* __restrict__ x,
+                                           const scalar_t* __restrict__ ref,
+                                           const int64_t* __restrict__ order,
+                                           const int64_t* __restrict__ start, int64_t k, int64_t dim,
+                                           acc_t* __restrict__ gref) {
+  const int64_t j = blockIdx.x;
+  const int64_t p0 = start[j], p1 = start[j + 1];
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    const acc_t rd = static_cast<acc_t>(ref[j * dim + d]);
+    acc_t acc = 0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t e = order[p];
+      const acc_t cf = coef[e];
+      if (cf == 0) continue;
+      acc += cf * (static_cast<acc_t>(x[(e / k) * dim + d]) - rd);
+    }
+    gref[j * dim + d] = -acc;
+  }
+}
+
 // Prepares a launch of `kernel` with `bytes` of dynamic shared memory: a clear error where
 // the device cannot give that much, and the opt-in attribute where dynamic plus static
 // shared memory exceeds 48 KiB (without it such a launch fails). Every launch with dynamic
@@ -444,14 +472,29 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cuda(const at::Tensor& grad_dist
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     TORCH_CHECK_TYPE(dist.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
                      "dist must be float64 for float64 x, else float32");
+    // Deterministic mode: no atomics for grad_ref (sorted segment reduction below).
+    const bool sorted_ref = need_ref_grad && at::globalContext().deterministicAlgorithms();
     if (b > 0 && dim > 0) {
       const int threads = static_cast<int>(std::clamp<int64_t>(next_pow2(dim), 32, 256));
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
       backward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(b), threads, 0, stream>>>(
           coef.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
           idx.data_ptr<int64_t>(), k, dim, n, gx.data_ptr<acc_t>(),
-          need_ref_grad ? gref.data_ptr<acc_t>() : nullptr);
+          need_ref_grad && !sorted_ref ? gref.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (sorted_ref && n > 0 && k > 0) {
+        // Stable sort of the flat neighbour indices: pairs grouped by reference row, by
+        // query within a row. Segment starts by binary search (bincount would use atomics).
+        // Indices outside [0, n) (backward_kernel asserts on those it uses) fall outside
+        // every segment [start[j], start[j + 1]) and are never read.
+        const auto sorted = idx.reshape({-1}).sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+        const at::Tensor order = std::get<1>(sorted).contiguous();
+        const at::Tensor start = at::searchsorted(std::get<0>(sorted), at::arange(n + 1, idx.options())).contiguous();
+        backward_ref_sorted_kernel<scalar_t, acc_t><<<static_cast<unsigned>(n), threads, 0, stream>>>(
+            coef.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
+            order.data_ptr<int64_t>(), start.data_ptr<int64_t>(), k, dim, gref.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
   });
   return finish_grads(gx, gref, x, ref);
