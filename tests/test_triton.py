@@ -305,3 +305,165 @@ def test_torch_compile_fullgraph_through_triton_op():
     le.backward()
     torch.testing.assert_close(lc, le)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# ---------------------------------------------------------------- selection precision (TF32, bf16)
+def _scores(x, ref, sq, keys):
+    """float64 scores |r_j|^2 - 2 x.r_j of the kernel's candidates, and the kernel's own."""
+    idx, score = T.knn_fwd._decode(keys)
+    want = sq.double()[idx] - 2 * (x.double().unsqueeze(1) * ref.double()[idx]).sum(-1)
+    return score.double(), want
+
+
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3", "bf16"])
+def test_selection_sees_the_precisions_input_rounding(precision):
+    """The kernel's scores carry the input rounding of ``precision``: within the
+    certificate's model of it (2 v |x||r| for input unit v = INPUT_UNIT, plus the fp32
+    accumulation) of the exact scores, and, for TF32 and bf16, visibly not ieee's. Under
+    the interpreter, whose tl.dot ignores input_precision, this holds only because
+    knn_fwd._emulate_input_rounding rounds the inputs: without it the TF32 scores equal
+    ieee's (and the bf16 ones are garbage), and this test fails."""
+    g = generator("triton-emulate", precision)
+    ref = features(150, 20, g) * 3.0 + 1.0
+    x = ref[:33] + 0.1 * features(33, 20, g)
+    sq = (ref * ref).sum(1)
+    score, exact = _scores(x, ref, sq, T.select_candidates(x.to(DEV), ref.to(DEV), sq.to(DEV), None, 64, precision).cpu())
+    s_ieee, exact_ieee = _scores(x, ref, sq, T.select_candidates(x.to(DEV), ref.to(DEV), sq.to(DEV), None, 64, "ieee").cpu())
+    v = _host.INPUT_UNIT[precision]
+    scale = float(x.norm(dim=1).max() * ref.norm(dim=1).max())
+    fp32 = 2 * (20 + 4) * _host.FP32_EPS * float(sq.max() + scale)  # accumulation and norms
+    assert (score - exact).abs().max() <= 2 * (2 * v + v * v) * scale + fp32
+    ieee_err = float((s_ieee - exact_ieee).abs().max())
+    assert ieee_err <= fp32
+    if precision != "tf32x3":  # 2^-19 relative: at fp32's own level here
+        assert float((score - exact).abs().max()) > 10 * max(ieee_err, fp32 / 100), "input rounding not applied"
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_tf32_near_ties_are_redone_in_ieee_and_exact(monkeypatch, precision):
+    """Near-ties at the k-th neighbour that TF32 (or bf16) selection gets wrong: 300
+    reference points at squared distance 1 + 0.5 u (u uniform) from queries at |x| = 30
+    from the reference mean. The TF32 score error (~2^-10 |x||r| ~ 1) is far above the
+    spacing of the distances (~0.002), so the TF32 candidates miss true neighbours (checked
+    below: this fails if the emulation is removed), the certificate with INPUT_UNIT["tf32"]
+    rejects every row, and the redo selects again in "ieee", whose certificate passes (no
+    exhaustive redo). The answer equals the float64 oracle's."""
+    from ldreg_kernels import reference
+
+    g = generator("triton-tf32-ties", precision)
+    d, n, k = 16, 300, 5
+
+    def shell(m):
+        v = torch.randn(m, d, generator=g)
+        return v / v.norm(dim=1, keepdim=True) * torch.sqrt(1 + 0.5 * torch.rand(m, 1, generator=g))
+
+    q = torch.zeros(d)
+    q[0] = 30.0
+    ref = torch.cat([q + shell(n), -q + shell(n)])  # mean ~ 0: x.r ~ 900 for the near shell
+    x = q + 0.01 * torch.randn(8, d, generator=g)
+    d64, i64 = reference.knn(x.double(), ref.double(), k, exclude_self=False)
+    xs, rs, _, sq_ref = _host.centred(x, ref)
+    keys = T.select_candidates(xs.to(DEV), rs.to(DEV), sq_ref.to(DEV), None, 64, precision).cpu()
+    missed = [int((~torch.isin(i64[r], keys[r] & 0xFFFFFFFF)).sum()) for r in range(8)]
+    assert sum(missed) > 0, f"{precision} selection found every true neighbour: is the input rounding emulated?"
+
+    calls, exhaustive = [], []
+    sel, exh = T.knn_fwd._select_and_rerank, _host.exhaustive
+    monkeypatch.setattr(T.knn_fwd, "_select_and_rerank", lambda *a: calls.append((a[7].numel(), a[-1])) or sel(*a))
+    monkeypatch.setattr(_host, "exhaustive", lambda xr, *a: exhaustive.append(xr.shape[0]) or exh(xr, *a))
+    dist, idx = _knn(x, ref, k, excl=False, precision=precision)
+    assert calls == [(8, precision), (8, "ieee")] and exhaustive == []
+    assert torch.equal(idx, i64)
+    torch.testing.assert_close(dist.double(), d64, rtol=4 * _host.FP32_EPS, atol=0)
+
+
+# ---------------------------------------------------------------- compiled variants
+class _FakeSelect:
+    """Stands in for _knn_select_kernel: records each launch and fills OUT as the kernel
+    would (fp32 scores, packed keys, each segment's BLOCK_N smallest), in torch, so the real
+    host code (re-rank, certificate) runs on without the interpreter's cost."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append((args, kw, grid))
+            xs, rs, sq, own, out, b, n = args[:7]
+            nseg, bn = args[8], kw["BLOCK_N"]
+            bits = (sq[None, :] - 2.0 * (xs.float() @ rs.float().t())).view(torch.int32)
+            key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) << 32) | torch.arange(n)
+            has = own >= 0
+            key[torch.nonzero(has).flatten(), own[has]] = torch.iinfo(torch.int64).max
+            out = out.view(b, nseg, bn)
+            out.fill_(torch.iinfo(torch.int64).max)
+            for s in range(nseg):
+                seg = torch.sort(key[:, s::nseg], dim=1).values[:, :bn]
+                out[:, s, : seg.shape[1]] = seg
+
+        return launch
+
+
+class _Record:
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((args, kw, grid))
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="records launches on CPU tensors")
+def test_changing_batch_size_compiles_no_new_variants(monkeypatch):
+    """A training run's batch sizes (512, 512, 300, 511, 17: a last partial batch, odd
+    sizes) through ldreg_loss-style forward + backward (exclude_self, x = ref, grad_ref) map
+    to one compiled variant per kernel and precision, in normal and deterministic mode.
+
+    What is measured: the JIT cache key. A GPU JITFunction compiles once per distinct
+    (signature, constexprs, specialisation attributes, options) of a launch; the interpreter
+    does not specialise at all, so the launches are recorded here (the real host code
+    with the GPU block sizes, ``_interpreting`` off) and each is bound by Triton's own
+    binder for sm_80 (``tools/gpu_aot.py``'s ``specialise``: the code path JITFunction.run
+    uses to build its cache key). Without ``do_not_specialize`` on B and N, 512 (a multiple
+    of 16) and 300 bind different attributes and this fails."""
+    import importlib.util
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    aot = sys.modules.get("gpu_aot")
+    if aot is None:
+        spec = importlib.util.spec_from_file_location("gpu_aot", os.path.join(root, "tools", "gpu_aot.py"))
+        aot = sys.modules["gpu_aot"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(aot)
+
+    def as_jit(kern):
+        return kern if isinstance(kern, JITFunction) else JITFunction(kern.fn, **kern.kwargs)
+
+    mods = {"_knn_select_kernel": T.knn_fwd, "_knn_bwd_kernel": T.knn_bwd, "_knn_bwd_ref_sorted_kernel": T.knn_bwd}
+    jits = {name: as_jit(getattr(mod, name)) for name, mod in mods.items()}
+    recs = {name: _FakeSelect() if name == "_knn_select_kernel" else _Record() for name in mods}
+    for name, mod in mods.items():
+        monkeypatch.setattr(mod, name, recs[name])
+    monkeypatch.setattr(T.knn_fwd, "_interpreting", lambda: False)
+    g = generator("triton-variants")
+    feats = features(512, 64, g)
+    for det in (False, True):
+        torch.use_deterministic_algorithms(det)
+        try:
+            for b in (512, 512, 300, 511, 17):
+                xb = feats[:b].clone().requires_grad_()
+                d, _ = L.knn(xb, xb, 16, exclude_self=True, backend="triton")
+                d.sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    variants = {}
+    for name, rec in recs.items():
+        assert rec.calls, f"{name} never launched"
+        for args, kw, _ in rec.calls:
+            launch = aot.Launch("m", name, "", (), args, kw)
+            variants.setdefault((name, kw.get("PRECISION")), set()).add(aot.specialise(launch, jits[name], 80)["key"])
+    counts = {key: len(v) for key, v in variants.items()}
+    # The backward kernel: grad_ref by atomics (normal) or by the sorted reduction (deterministic).
+    assert counts == {("_knn_select_kernel", T.get_precision()): 1, ("_knn_bwd_kernel", None): 2,
+                      ("_knn_bwd_ref_sorted_kernel", None): 1}, counts

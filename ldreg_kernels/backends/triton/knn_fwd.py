@@ -36,6 +36,10 @@ distances (``_host.rerank``: fp32 accumulate, fp64 for fp64 input) and applies t
 certificate of ``_host.certificate_coef`` for the selection precision. Rows it cannot prove
 exact are selected again with ``"ieee"`` precision (when a faster precision was used) and,
 if still uncertified, exhaustively (``_host.exhaustive``, bounded memory).
+
+Under the Triton interpreter (CPU tests) ``tl.dot`` ignores ``input_precision``;
+``_emulate_input_rounding`` rounds the selection inputs as each precision reads them, so the
+tests see its error, its certificate and its redo path.
 """
 
 from __future__ import annotations
@@ -126,8 +130,12 @@ def selection_precision(precision: str):
 # hypercube axis, which the interpreter runs element by element in Python; the partner is
 # equally ``sum(pair) - x`` (exact in int64 with wrap-around), and tl.sum is a vectorised
 # reduction in the interpreter and the same butterfly on a GPU.
-# NSEG is not specialised: one compiled kernel serves nseg = 1 and every nseg > 1.
-@triton.jit(do_not_specialize=["NSEG"])
+# Not specialised (no "== 1" or "% 16 == 0" variants): B and N, which change with the
+# batch (a last partial batch would otherwise compile the kernel again mid-training), and
+# NSEG (one compiled kernel serves nseg = 1 and every nseg > 1). They only bound loops and
+# masks. D and the row strides stay specialised: divisibility by 16 lets the loads
+# vectorise, and the feature dimension does not change from batch to batch.
+@triton.jit(do_not_specialize=["B", "N", "NSEG"])
 def _knn_select_kernel(
     X,  # (B, D) centred queries, fp32 or bf16
     R,  # (N, D) centred reference, same dtype
@@ -259,6 +267,30 @@ def _decode(keys: Tensor) -> tuple[Tensor, Tensor]:
     return idx, score
 
 
+def _emulate_input_rounding(xs: Tensor, rs: Tensor, precision: str) -> tuple[Tensor, Tensor, str]:
+    """(xs, rs, "ieee"): the selection inputs rounded as ``precision``'s matmul reads them,
+    for the Triton interpreter, whose ``tl.dot`` is an fp32 ``np.matmul`` that ignores
+    ``input_precision`` (and multiplies bf16 tensors as their raw 16-bit patterns). The
+    kernel then runs in "ieee" on the rounded fp32 values, so CPU tests see the error the
+    certificate's ``_host.INPUT_UNIT[precision]`` must cover, and its redo path:
+
+    - "tf32": inputs truncated to 10 mantissa bits (``_host.round_to_tf32``, the model the
+      certificate assumes);
+    - "tf32x3": the hi + lo split, hi = tf32(v), lo = tf32(v - hi), and the three products
+      hi.hi + hi.lo + lo.hi (lo.lo dropped) as one dot over [hi, hi, lo] . [hi, lo, hi];
+    - "bf16": inputs rounded to bf16; their products are exact in the fp32 accumulator.
+    """
+    if precision == "tf32":
+        return _host.round_to_tf32(xs), _host.round_to_tf32(rs), "ieee"
+    if precision == "tf32x3":
+        xh, rh = _host.round_to_tf32(xs), _host.round_to_tf32(rs)
+        xl, rl = _host.round_to_tf32(xs.float() - xh), _host.round_to_tf32(rs.float() - rh)
+        return torch.cat([xh, xh, xl], dim=1), torch.cat([rh, rl, rh], dim=1), "ieee"
+    if precision == "bf16":
+        return xs.to(torch.bfloat16).float(), rs.to(torch.bfloat16).float(), "ieee"
+    return xs, rs, precision
+
+
 def select_candidates(
     xs: Tensor, rs: Tensor, sq_ref: Tensor, own: Tensor | None, kp: int, precision: str, nseg: int = 1
 ) -> Tensor:
@@ -270,6 +302,8 @@ def select_candidates(
     ``MIN_KP <= kp <= MAX_KP`` on a GPU. Empty slots (a segment with fewer than kp valid
     rows) hold ``INT64_MAX``.
     """
+    if _interpreting():
+        xs, rs, precision = _emulate_input_rounding(xs, rs, precision)
     bf16 = precision == "bf16"
     sel = torch.bfloat16 if bf16 else torch.float32
     xs = xs.to(sel).contiguous()
