@@ -2,17 +2,22 @@
 //
 // Forward, per call:
 //   1. Centre on the reference mean (distances are translation invariant; it shrinks the
-//      cancellation in |r|^2 - 2 x.r). Tile the reference into blocks of NB rows; for each
-//      tile one at::addmm gives the (QB x NB) scores, then at::parallel_for over query
-//      rows filters them into a per-row buffer that keeps the m = k + margin smallest
-//      (threshold + nth_element). Memory: one score tile (<= 1M elements) plus O(B * m)
-//      buffers; never B x N.
-//   2. Per row, exact distances of the m candidates by direct differences (float for
-//      float/half/bf16 input, double for double), lexicographic (distance, index) order,
-//      keep k. Rows where an unseen reference row could still tie or beat the k-th
-//      neighbour within matmul rounding (the certificate, knn.h) are redone exhaustively:
-//      exact distances to every reference row, streamed through a 2k-entry buffer per
-//      thread, so a collapsed batch (every row redone) costs no B x N memory.
+//      cancellation in |r|^2 - 2 x.r), a chunk of ~4 MiB of reference rows at a time, so a
+//      bank of any size is streamed once. Per chunk, at::parallel_for over blocks of 32
+//      query rows: each thread runs one single-threaded GEMM per 32 x 2048 block of scores
+//      (256 KiB, kept in its own L2) and filters it at once into a per-row buffer: the first
+//      block's histogram gives a threshold with >= m = k + margin scores under it, later
+//      blocks are skipped 16 scores per vector compare unless one passes, and a full buffer
+//      keeps its m smallest (nth_element) and lowers the threshold. Memory: one score block
+//      per thread plus O(B * m); never B x N.
+//   2. Per row, exact distances by direct differences (float for float/half/bf16 input,
+//      double for double) of the k best-scored candidates, then of any other candidate the
+//      certificate's test cannot prove farther than the largest of those; lexicographic
+//      (distance, index) order, keep k. Rows where an unseen reference row could still tie
+//      or beat the k-th neighbour within matmul rounding (the certificate, knn.h, with the
+//      row's final threshold as the bound) are redone exhaustively: exact distances to
+//      every reference row, streamed through a 2k-entry buffer per thread, so a collapsed
+//      batch (every row redone) costs no B x N memory.
 // Backward: grad_x by rows; grad_ref by column blocks, so threads never write the same
 // element and the sum order is fixed (deterministic).
 #include <ATen/Dispatch.h>
@@ -21,7 +26,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -30,13 +37,11 @@
 namespace ldreg {
 namespace {
 
-constexpr int64_t kScoreElems = int64_t{1} << 20;  // 4 MiB of fp32 scores per tile
-constexpr int64_t kFilterBlock = 32;
 
 template <typename acc_t>
 struct Cand {
   acc_t d;
-  int64_t i;
+  int32_t i;  // ref has < 2^31 - 1 rows (check_knn_args): 8-byte float candidates
   bool operator<(const Cand& o) const { return d < o.d || (d == o.d && i < o.i); }
 };
 
@@ -58,17 +63,49 @@ inline acc_t sqdist(const scalar_t* a, const scalar_t* b, int64_t d) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+
+// Smallest and largest of s[0..n), a vector of 32 bytes at a time (no -ffast-math here, so
+// the compiler would not vectorise a std::min loop).
+template <typename acc_t>
+__attribute__((always_inline)) inline void min_max(const acc_t* s, int64_t n, acc_t& lo, acc_t& hi) {
+  using vec = std::conditional_t<std::is_same_v<acc_t, float>, v8f, v4d>;
+  constexpr int kLanes = 32 / sizeof(acc_t);
+  lo = std::numeric_limits<acc_t>::infinity();
+  hi = -lo;
+  int64_t j = 0;
+  if (n >= kLanes) {
+    vec vlo, vhi;
+    std::memcpy(&vlo, s, sizeof(vec));
+    vhi = vlo;
+    for (; j + kLanes <= n; j += kLanes) {
+      vec v;
+      std::memcpy(&v, s + j, sizeof(vec));
+      vlo = v < vlo ? v : vlo;
+      vhi = v > vhi ? v : vhi;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      lo = std::min(lo, vlo[l]);
+      hi = std::max(hi, vhi[l]);
+    }
+  }
+  for (; j < n; ++j) {
+    lo = std::min(lo, s[j]);
+    hi = std::max(hi, s[j]);
+  }
+}
+
 // A score t with at least m of s[0..n) (skipping s[skip]) <= t. A 64-bucket histogram of
 // a strided sample (at most ~512 scores; branch-free, unlike nth_element) proposes bucket
 // edges; an exact vectorisable count over all n accepts the first edge that reaches m.
 template <typename acc_t>
-acc_t histogram_threshold(const acc_t* s, int64_t n, int64_t skip, int64_t m) {
+__attribute__((always_inline)) inline acc_t histogram_threshold(const acc_t* s, int64_t n, int64_t skip, int64_t m) {
   constexpr int kBuckets = 64;
-  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
-  for (int64_t j = 0; j < n; ++j) {
-    lo = std::min(lo, s[j]);
-    hi = std::max(hi, s[j]);
-  }
+  acc_t lo, hi;
+  min_max(s, n, lo, hi);
   if (!(hi > lo)) return hi;
   const acc_t width = (hi - lo) / kBuckets;
   const acc_t scale = 1 / width;
@@ -87,7 +124,7 @@ acc_t histogram_threshold(const acc_t* s, int64_t n, int64_t skip, int64_t m) {
   }
   for (; bk < kBuckets - 1; ++bk) {
     const acc_t t = lo + static_cast<acc_t>(bk + 1) * width;
-    int64_t le = 0;
+    int32_t le = 0;  // n < 2^31 (one block of columns)
     for (int64_t j = 0; j < n; ++j) le += s[j] <= t;
     if (skip >= 0 && skip < n && s[skip] <= t) --le;
     if (le >= m) return t;
@@ -127,7 +164,7 @@ void exhaustive_row(const scalar_t* xr, const scalar_t* rp, int64_t n, int64_t d
     if (j == own) continue;
     const acc_t d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + j * dim, dim));
     if (kept ? !(d < thr) : !(d <= thr)) continue;
-    tmp[cnt++] = {d, j};
+    tmp[cnt++] = {d, static_cast<int32_t>(j)};
     if (cnt == 2 * k) {
       std::nth_element(tmp, tmp + (k - 1), tmp + cnt);
       cnt = k;
@@ -142,6 +179,102 @@ void exhaustive_row(const scalar_t* xr, const scalar_t* rp, int64_t n, int64_t d
   }
 }
 
+// Score block geometry. Each thread owns a block of kRowsMax query rows and walks the
+// reference chunk kCols columns at a time: one single-threaded GEMM writes a kRows x kCols
+// block of dot products (128 KiB of fp32: it stays in that core's L2), which the same thread
+// filters at once. The reference is centred a chunk at a time (about kChunkBytes), once per
+// call, so every query block reads it from L3 and a big bank is streamed from memory once.
+constexpr int64_t kRowsMax = 32;
+constexpr int64_t kCols = 2048;
+constexpr int64_t kChunkBytes = int64_t{4} << 20;
+constexpr int64_t kAnyBlock = 16;
+
+// Whether any of the kAnyBlock values at p is <= t: one vector compare (GCC vector
+// extensions; plain SSE2 in the default clone, AVX2 in the avx2 one).
+
+template <typename acc_t>
+inline bool any_le(const acc_t* p, acc_t t) {
+  using vec = std::conditional_t<std::is_same_v<acc_t, float>, v8f, v4d>;
+  using ivec = std::conditional_t<std::is_same_v<acc_t, float>, v8i, v4l>;
+  constexpr int kLanes = 32 / sizeof(acc_t);
+  static_assert(kAnyBlock % kLanes == 0);
+  ivec acc = {};
+  for (int u = 0; u < kAnyBlock; u += kLanes) {
+    vec v;
+    std::memcpy(&v, p + u, sizeof(v));
+    acc |= (v <= t);
+  }
+  decltype(acc[0] + 0) lanes[kLanes];
+  std::memcpy(lanes, &acc, sizeof(acc));
+  decltype(acc[0] + 0) r = 0;
+  for (int l = 0; l < kLanes; ++l) r |= lanes[l];
+  return r != 0;
+}
+
+// One row of a score block: s_j = |r_j|^2 - 2 x.r_j for the n columns starting at global
+// column j0 (written back into dot), then every s_j <= t (but own) enters the candidate
+// buffer c (cnt entries, capacity cap). A full buffer keeps its m smallest and t drops to
+// the m-th. Blocks of kAnyBlock scores are tested with one vector compare first: after the
+// first block of columns almost none pass, so the scalar path is rare.
+template <typename acc_t>
+__attribute__((always_inline)) inline void filter_row_impl(acc_t* s, const acc_t* sqr, int64_t n, int64_t j0, int64_t own,
+                                                          int64_t m, int64_t cap, acc_t& t_io, Cand<acc_t>* c,
+                                                          int64_t& cnt_io) {
+  acc_t t = t_io;
+  int64_t cnt = cnt_io;
+  for (int64_t j = 0; j < n; ++j) s[j] = sqr[j] - 2 * s[j];
+  if (cnt == 0 && n - (own >= j0 && own < j0 + n ? 1 : 0) >= m) {
+    // First block of this row: the m-th smallest score of any subset bounds the global
+    // m-th from above, so it is a valid (and already tight) threshold.
+    t = histogram_threshold(s, n, own - j0, m);
+  }
+  const auto by_score = [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return a.d < b.d; };
+  int64_t jb = 0;
+  for (; jb + kAnyBlock <= n; jb += kAnyBlock) {
+    if (!any_le(s + jb, t)) continue;
+    // Branch-free compaction: every score is written, only passing ones are kept (pass
+    // rates of 5-20% make a branch here mispredict constantly). cap leaves a block of slack.
+    for (int64_t j = jb; j < jb + kAnyBlock; ++j) {
+      c[cnt] = {s[j], static_cast<int32_t>(j0 + j)};
+      cnt += static_cast<int64_t>((s[j] <= t) & (j0 + j != own));
+    }
+    if (cnt >= cap - kAnyBlock) {
+      std::nth_element(c, c + (m - 1), c + cnt, by_score);
+      cnt = m;
+      t = c[m - 1].d;
+    }
+  }
+  for (; jb < n; ++jb) {
+    c[cnt] = {s[jb], static_cast<int32_t>(j0 + jb)};
+    cnt += static_cast<int64_t>((s[jb] <= t) & (j0 + jb != own));
+    if (cnt >= cap - kAnyBlock) {
+      std::nth_element(c, c + (m - 1), c + cnt, by_score);
+      cnt = m;
+      t = c[m - 1].d;
+    }
+  }
+  t_io = t;
+  cnt_io = cnt;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void filter_row_f32(float* s, const float* sqr, int64_t n, int64_t j0, int64_t own, int64_t m, int64_t cap,
+                    float& t, Cand<float>* c, int64_t& cnt) {
+  filter_row_impl<float>(s, sqr, n, j0, own, m, cap, t, c, cnt);
+}
+
+template <typename acc_t>
+inline void filter_row(acc_t* s, const acc_t* sqr, int64_t n, int64_t j0, int64_t own, int64_t m, int64_t cap,
+                       acc_t& t, Cand<acc_t>* c, int64_t& cnt) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    filter_row_f32(s, sqr, n, j0, own, m, cap, t, c, cnt);
+  } else {
+    filter_row_impl<acc_t>(s, sqr, n, j0, own, m, cap, t, c, cnt);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t self_offset,
                   bool exclude_self, at::Tensor& dist, at::Tensor& idx) {
@@ -151,80 +284,51 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   const auto ct = dist.scalar_type();
 
   const at::Tensor mu = at::mean(ref, {0}, /*keepdim=*/false, ct);
-  const at::Tensor xs = x.to(ct) - mu;
+  const at::Tensor xs = (x.to(ct) - mu).contiguous();
   const at::Tensor sqx = (xs * xs).sum(1);
-  // Wide reference tiles: the first tile's histogram threshold is then close to the final
-  // one, so few scores pass the filter afterwards. Query rows fill the score budget.
-  const int64_t nb = std::min<int64_t>(n, 4096);
-  const int64_t qb = std::min<int64_t>(b, std::max<int64_t>(64, kScoreElems / nb));
+  const acc_t* xsp = xs.data_ptr<acc_t>();
 
-  // Per row: a buffer of up to 2m candidates below the row's threshold. When it fills, an
-  // nth_element keeps the m smallest and the threshold drops to the m-th score. Amortised
-  // O(1) per accepted score, and the common case is one predictable compare per score.
-  const int64_t cap = 2 * m + kFilterBlock;  // shrink at 2m; one block of slack for the writes
-  std::vector<Cand<acc_t>> buf(static_cast<size_t>(b * cap));
+  // Query blocks: at most kRowsMax rows, and at least one block per thread.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t qrows = std::max<int64_t>(1, std::min<int64_t>(kRowsMax, (b + threads - 1) / threads));
+  const int64_t nqb = (b + qrows - 1) / qrows;
+  const int64_t chunk = std::min<int64_t>(
+      n, std::max<int64_t>(kCols, kChunkBytes / (dim * static_cast<int64_t>(sizeof(acc_t))) / kCols * kCols));
+
+  // Per row: a buffer of up to 2m candidates below the row's threshold (plus a block of
+  // slack for the compaction's writes); when it fills, an nth_element keeps the m smallest
+  // and the threshold drops to the m-th score.
+  const int64_t cap = 4 * m + kAnyBlock;
+  std::unique_ptr<Cand<acc_t>[]> buf(new Cand<acc_t>[static_cast<size_t>(b * cap)]);  // no zero fill
   std::vector<int64_t> count(static_cast<size_t>(b), 0);
   std::vector<acc_t> thr(static_cast<size_t>(b), std::numeric_limits<acc_t>::infinity());
-  auto shrink = [&](int64_t row) {
-    Cand<acc_t>* c = buf.data() + row * cap;
-    const auto by_score = [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return a.d < b.d; };
-    std::nth_element(c, c + (m - 1), c + count[row], by_score);
-    count[row] = m;
-    thr[row] = c[m - 1].d;
-  };
   acc_t max_sqr = 0;
 
-  for (int64_t q0 = 0; q0 < b; q0 += qb) {
-    const int64_t qn = std::min(qb, b - q0);
-    const at::Tensor xq = xs.narrow(0, q0, qn);
-    for (int64_t j0 = 0; j0 < n; j0 += nb) {
-      const int64_t jn = std::min(nb, n - j0);
-      const at::Tensor rt = ref.narrow(0, j0, jn).to(ct) - mu;
-      const at::Tensor sqr = (rt * rt).sum(1);
-      if (q0 == 0) max_sqr = std::max(max_sqr, sqr.max().template item<acc_t>());
-      const at::Tensor score = at::addmm(sqr.unsqueeze(0), xq, rt.t(), 1, -2).contiguous();
-      const acc_t* sp = score.data_ptr<acc_t>();
-      at::parallel_for(0, qn, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t row = q0 + r;
-          const int64_t own = exclude_self ? row + self_offset : -1;
-          Cand<acc_t>* c = buf.data() + row * cap;
-          const acc_t* srow = sp + r * jn;
-          int64_t cnt = count[row];
-          if (cnt == 0 && jn - (own >= j0 && own < j0 + jn ? 1 : 0) >= m) {
-            // First tile of this row: the m-th smallest score of any subset bounds the
-            // global m-th from above, so it is a valid (and already tight) threshold.
-            thr[row] = histogram_threshold(srow, jn, own - j0, m);
+  for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+    const int64_t cn = std::min(chunk, n - c0);
+    const at::Tensor rc = (ref.narrow(0, c0, cn).to(ct) - mu).contiguous();
+    const at::Tensor sqr_t = (rc * rc).sum(1);
+    max_sqr = std::max(max_sqr, sqr_t.max().template item<acc_t>());
+    const acc_t* sqr = sqr_t.data_ptr<acc_t>();
+    at::parallel_for(0, nqb, 1, [&](int64_t qb0, int64_t qb1) {
+      std::vector<acc_t> tile(static_cast<size_t>(qrows * kCols));
+      const auto topt = at::TensorOptions().dtype(ct);
+      for (int64_t qb = qb0; qb < qb1; ++qb) {
+        const int64_t r0 = qb * qrows, rn = std::min(qrows, b - r0);
+        const at::Tensor xq = at::from_blob(const_cast<acc_t*>(xsp + r0 * dim), {rn, dim}, topt);
+        for (int64_t j0 = 0; j0 < cn; j0 += kCols) {
+          const int64_t jn = std::min(kCols, cn - j0);
+          at::Tensor out = at::from_blob(tile.data(), {rn, jn}, topt);
+          at::mm_out(out, xq, rc.narrow(0, j0, jn).t());
+          for (int64_t r = 0; r < rn; ++r) {
+            const int64_t row = r0 + r;
+            filter_row<acc_t>(tile.data() + r * jn, sqr + j0, jn, c0 + j0, exclude_self ? row + self_offset : -1, m,
+                              cap, thr[row], buf.get() + row * cap, count[row]);
           }
-          acc_t t = thr[row];
-          for (int64_t jb = 0; jb < jn; jb += kFilterBlock) {
-            const int64_t je = std::min(jn, jb + kFilterBlock);
-            // Branch-free compaction: every score is written, only passing ones are kept.
-            // Pass rates of 5-20% make a branch here mispredict constantly.
-            for (int64_t j = jb; j < je; ++j) {
-              c[cnt] = {srow[j], j0 + j};
-              cnt += static_cast<int64_t>((srow[j] <= t) & (j0 + j != own));
-            }
-            if (cnt >= 2 * m) {
-              count[row] = cnt;
-              shrink(row);
-              cnt = count[row];
-              t = thr[row];
-            }
-          }
-          count[row] = cnt;
         }
-      });
-    }
+      }
+    });
   }
-  // Keep exactly the m smallest scores per row; h[m - 1] ends up the largest kept.
-  at::parallel_for(0, b, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row) {
-      if (count[row] > m) shrink(row);
-      Cand<acc_t>* c = buf.data() + row * cap;
-      std::swap(*std::max_element(c, c + m, [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return a.d < b.d; }), c[m - 1]);
-    }
-  });
 
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* rp = ref.data_ptr<scalar_t>();
@@ -236,21 +340,41 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   const acc_t coef = static_cast<acc_t>(certificate_coef(dim, std::numeric_limits<acc_t>::epsilon(), 0.0));
 
   at::parallel_for(0, b, 8, [&](int64_t r0, int64_t r1) {
+    const auto by_score = [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return a.d < b.d; };
     for (int64_t row = r0; row < r1; ++row) {
-      Cand<acc_t>* h = buf.data() + row * cap;
-      // Approximate squared distance of the largest kept candidate: no dropped row is closer.
-      const acc_t bound = h[m - 1].d + sqxp[row];
+      Cand<acc_t>* h = buf.get() + row * cap;
+      const int64_t cnt = count[row];  // >= m; every score <= the row's final threshold
+      // The row's final threshold: no dropped reference row scored below it (each was
+      // rejected above, or shrunk away at or above, a threshold that only decreases), and
+      // every kept score is <= it. +inf when nothing was ever dropped.
+      const acc_t bound = thr[row] + sqxp[row];
+      const acc_t a = sqxp[row] + max_sqr;
       const scalar_t* xr = xp + row * dim;
-      for (int64_t c = 0; c < m; ++c) {
-        h[c].d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + h[c].i * dim, dim));
+      // Exact distances of the k best-scored candidates first: their largest, w0, bounds the
+      // k-th exact distance from above. Any other candidate whose score proves it farther
+      // than w0 (the certificate's own test, with its score as the bound) cannot be among
+      // the k nearest and gets no exact distance; the rest are moved up behind the k.
+      if (cnt > k) std::nth_element(h, h + (k - 1), h + cnt, by_score);
+      acc_t w0 = 0;
+      for (int64_t c = 0; c < k; ++c) {
+        h[c].d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + static_cast<int64_t>(h[c].i) * dim, dim));
+        w0 = std::max(w0, h[c].d);
       }
-      std::partial_sort(h, h + k, h + m);
+      int64_t e = k;
+      for (int64_t c = k; c < cnt; ++c) {
+        if (certified<acc_t>(w0, h[c].d + sqxp[row], a, coef)) continue;
+        h[e].i = h[c].i;
+        h[e].d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + static_cast<int64_t>(h[c].i) * dim, dim));
+        ++e;
+      }
+      if (e > k) std::nth_element(h, h + (k - 1), h + e);
+      std::sort(h, h + k);
       for (int64_t c = 0; c < k; ++c) {
         dp[row * k + c] = h[c].d;
         ip[row * k + c] = h[c].i;
       }
       const acc_t w = h[k - 1].d;
-      redo[row] = (m < n_valid) && !certified<acc_t>(w, bound, sqxp[row] + max_sqr, coef);
+      redo[row] = (cnt < n_valid) && !certified<acc_t>(w, bound, a, coef);
     }
   });
 
