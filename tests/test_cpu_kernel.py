@@ -1,0 +1,74 @@
+"""The "cpu" kernel's blocking (issue #16): reference chunks of ~4 MiB, per-thread blocks of
+128 query rows x 1024 columns, a per-row threshold that only drops, and the skipped exact
+distances of the re-rank. Each case pushes one of those paths and checks against the float64
+oracle, and that the thread count changes nothing.
+"""
+
+import pytest
+import torch
+
+import ldreg_kernels as L
+from ldreg_kernels import registry
+from utils import assert_knn_matches, features, generator
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in L.available_backends("cpu"), reason=f"C++ extension not built: {registry.LOAD_ERRORS.get('cpu')}"
+)
+
+
+@pytest.mark.parametrize(
+    "b, n, d, k",
+    [
+        (3, 9000, 512, 7),  # fewer rows than threads x block; five reference chunks of 2048, ragged last
+        (300, 5000, 128, 300),  # large k: the margin (k/4) candidates mostly skipped by the certificate test
+        (130, 1030, 16, 5),  # a ragged query block (130 = 128 + 2) and a ragged 6-column block
+    ],
+)
+def test_blocks_match_oracle(b, n, d, k):
+    g = generator("cpu-blocks", b, n, d, k)
+    ref = features(n, d, g)
+    x = features(b, d, g)
+    dist, idx = L.knn(x, ref, k, exclude_self=False, backend="cpu")
+    # Index sets are compared where the k-th gap allows (most rows; fewer at k=300, D=128).
+    assert assert_knn_matches(dist, idx, x, ref, k, exclude_self=False) > 0.5
+
+
+def test_nearest_rows_last_keeps_lowering_the_threshold():
+    """Reference rows in decreasing distance from the queries' centre: every later block
+    passes the threshold, so the per-row buffer fills and shrinks again and again."""
+    g = generator("cpu-descending")
+    ref = features(6000, 32, g)
+    x = features(64, 32, g) * 0.1
+    order = torch.argsort(ref.norm(dim=1), descending=True)
+    ref = ref[order].contiguous()
+    dist, idx = L.knn(x, ref, 40, exclude_self=False, backend="cpu")
+    assert assert_knn_matches(dist, idx, x, ref, 40, exclude_self=False) > 0.9
+
+
+def test_many_ties_shrink_and_order_by_index():
+    """Duplicated reference rows: equal scores at the threshold; order (distance, index)."""
+    g = generator("cpu-ties")
+    base = features(50, 8, g)
+    ref = base.repeat(60, 1)  # 3000 rows, each value 60 times
+    x = ref[:200]
+    dist, idx = L.knn(x, ref, 70, exclude_self=True, backend="cpu")
+    d64 = torch.cdist(x.double(), ref.double())
+    d64[torch.arange(200), torch.arange(200)] = float("inf")
+    want_d, want_i = torch.sort(d64, dim=1, stable=True)
+    assert torch.equal(idx, want_i[:, :70])
+    assert torch.allclose(dist.double(), want_d[:, :70], rtol=1e-5, atol=1e-6)
+
+
+def test_thread_count_changes_nothing():
+    g = generator("cpu-threads")
+    ref = features(5000, 64, g)
+    x = ref[:700]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        d1, i1 = L.knn(x, ref, 20, exclude_self=True, backend="cpu")
+        torch.set_num_threads(max(2, old))
+        d2, i2 = L.knn(x, ref, 20, exclude_self=True, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(i1, i2) and torch.equal(d1, d2)
