@@ -130,10 +130,13 @@ def write(args, rows: list[dict], bank: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     load = os.getloadavg()
+    busy = args.load_start[0] > 0.5 or load[0] > 0.5
     lines = [f"# kNN scaling on the CPU: ours-cpu vs FAISS IndexFlatL2 ({machine_slug(torch.device('cpu'))})", "",
-             f"- machine: {device_detail(torch.device('cpu'))}; load average at the end {load[0]:.2f} / {load[1]:.2f} / "
-             f"{load[2]:.2f} (1/5/15 min; other processes share these cores, so absolute times are noisy: "
-             "compare the two methods within one row, timed interleaved)",
+             f"- machine: {device_detail(torch.device('cpu'))}; load average (1/5/15 min) at the start "
+             + " / ".join(f"{v:.2f}" for v in args.load_start) + ", at the end " + " / ".join(f"{v:.2f}" for v in load)
+             + (" (other processes shared these cores: absolute times are noisy, and a thread count above the idle "
+                "cores measures the contention, not the code; compare the two methods within one row, timed "
+                "interleaved)" if busy else ""),
              f"- kNN search only, fp32, a bank that does not hold the queries; min over {args.repeats} interleaved "
              "repeats; FAISS index built and searched per call", f"- command: `python -m benchmarks.scaling "
              + " ".join(sys.argv[1:]) + "`", ""]
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     cpus = os.cpu_count() or 1
     args.threads = [int(v) for v in args.threads.split(",")] if args.threads else sorted({1, cpus})
     args.methods = args.methods.split(",")
+    args.load_start = os.getloadavg()
     rows = run_scaling(args) if args.scaling else []
     bank = run_bank(args) if args.bank else []
     write(args, rows, bank)
