@@ -14,7 +14,7 @@ import torch
 import ldreg_kernels as L
 from ldreg_kernels import _host, reference
 from ldreg_kernels.backends import torch as torch_backend
-from utils import features, generator
+from utils import assert_knn_matches, features, generator
 
 NATIVE = "cpu" in L.available_backends("cpu")
 
@@ -68,9 +68,11 @@ def test_tf32_selection_redoes_few_rows(monkeypatch):
     dist, idx = torch_backend.knn_forward(x, x, 64, 0, True, precision="tf32")
     frac = sum(redone) / 4096
     assert frac < 0.02, f"{frac:.2%} of rows redone"
-    d64, i64 = reference.knn(x[:512].double(), x.double(), 64, True, 0)
-    assert torch.equal(torch.sort(idx[:512], 1).values, torch.sort(i64, 1).values)
-    torch.testing.assert_close(dist[:512].double(), d64, rtol=2e-6, atol=0)
+    # Index sets are compared where the float64 gap at the k-th neighbour exceeds float32
+    # rounding: a relative gap of 6e-8 (seed 410087153, row 180) is a tie at fp32 resolution,
+    # which exact fp32 distances may order either way.
+    checked = assert_knn_matches(dist[:512], idx[:512], x[:512], x, 64, exclude_self=True)
+    assert checked > 0.95
 
 
 def test_certificate_catches_tf32_ties():
