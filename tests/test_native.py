@@ -108,3 +108,15 @@ def test_cpu_only_build_reports_no_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="backend 'cuda' runs on \\['cuda'\\], not on cpu tensors"):
             L.knn(features(5, 3, generator("nocuda")), k=2, backend="cuda")
+
+
+@pytest.mark.parametrize("bad", [-1, 20])
+def test_native_backward_rejects_out_of_range_indices(bad):
+    """A direct caller's bad idx raises instead of reading outside ref (the API never passes one)."""
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(5, 3, generator=g), torch.randn(20, 3, generator=g)
+    d, i = L.knn(x, ref, 4, backend="cpu")
+    i = i.clone()
+    i[2, 1] = bad
+    with pytest.raises(IndexError, match=re.escape(f"idx holds {bad}, outside the reference's rows [0, 20)")):
+        torch.ops.ldreg.knn_backward_native(torch.ones_like(d), x, ref, i, d, True)

@@ -475,6 +475,14 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cpu(const at::Tensor& grad_dist,
   check_backward_args(grad_dist, x_, ref_, idx_, dist_);
   const at::Tensor x = x_.contiguous(), ref = ref_.contiguous(), idx = idx_.contiguous();
   const at::Tensor dist = dist_.contiguous();
+  // The kernel reads ref[idx] unchecked; a direct caller's bad index must not read out of
+  // bounds (host memory: no sync cost).
+  if (idx.numel() > 0) {
+    const auto mm = at::aminmax(idx);
+    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK_INDEX(lo >= 0 && hi < ref.size(0), "idx holds ", lo < 0 ? lo : hi,
+                      ", outside the reference's rows [0, ", ref.size(0), ")");
+  }
   at::Tensor gx, gref;
   std::tie(gx, gref) = zero_grad_buffers(x, ref, dist, need_ref_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_backward_cpu", [&] {
