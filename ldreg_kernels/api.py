@@ -65,10 +65,11 @@ def _prepare(
     metadata exchange) and resolve its reference and backend."""
     k, self_offset = V.as_int(k, "k"), V.as_int(self_offset, "self_offset")
     exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
-    if isinstance(ref, str):
+    if isinstance(ref, str):  # the checks run inside the ranks' metadata exchange
         ref, self_offset = _global_ref(x, ref, k, self_offset, backend, *checks)
-    for c in checks:
-        c()
+    else:
+        for c in checks:
+            c()
     V.check_features(x, "x")
     if ref is None:
         ref = x.detach()
@@ -337,8 +338,8 @@ def ldreg_loss_with_stats(
     """
     ks, estimators = _check_stats_args(ks, estimators)
     k, beta, eps = V.as_int(k, "k"), V.as_real(beta, "beta"), V.as_real(eps, "eps")
-    V.check_lid_args(k, estimator, eps)
-    V.check_reg_args(beta, reg)
+    # The LID and loss arguments are checked by _prepare, inside the metadata exchange for a
+    # global ref: a check that raised here on one rank would leave the others in a collective.
     excl = V.resolve_exclude_self(exclude_self, ref, V.as_int(self_offset, "self_offset"))
     if isinstance(ref, str):  # the gathered batch: every rank's B is the same (checked)
         n_ref = x.shape[0] * (tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1)
