@@ -70,9 +70,11 @@ def test_tf32_selection_redoes_few_rows(monkeypatch):
     assert frac < 0.02, f"{frac:.2%} of rows redone"
     # Index sets are compared where the float64 gap at the k-th neighbour exceeds float32
     # rounding: a relative gap of 6e-8 (seed 410087153, row 180) is a tie at fp32 resolution,
-    # which exact fp32 distances may order either way.
+    # which exact fp32 distances may order either way. The checked fraction is itself random:
+    # mean 0.957, sd 0.0125, minimum 0.930 over 30 seeds (one CI run drew 0.939), so the floor
+    # sits far below that and only catches a vacuous check.
     checked = assert_knn_matches(dist[:512], idx[:512], x[:512], x, 64, exclude_self=True)
-    assert checked > 0.95
+    assert checked > 0.85
 
 
 def test_certificate_catches_tf32_ties():
