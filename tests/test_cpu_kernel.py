@@ -1,7 +1,9 @@
 """The "cpu" kernel's blocking (issue #16): reference chunks of ~4 MiB, per-thread blocks of
 128 query rows x 1024 columns, a per-row threshold that only drops, and the skipped exact
 distances of the re-rank. Each case pushes one of those paths and checks against the float64
-oracle, and that the thread count changes nothing.
+oracle, and that the thread count changes nothing. Float scores come from the packed-panel
+kernel (csrc/cpu/score_tile.h) on AVX2+FMA CPUs; LDREG_CPU_BLAS_SCORES=1 selects the BLAS
+path, and the two must agree bit for bit.
 """
 
 import pytest
@@ -72,3 +74,40 @@ def test_thread_count_changes_nothing():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(i1, i2) and torch.equal(d1, d2)
+
+
+def _avx2_fma() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+@pytest.mark.skipif(not _avx2_fma(), reason="the packed-panel score kernel needs AVX2 and FMA")
+@pytest.mark.parametrize(
+    "b, n, d, k, dtype, exclude_self",
+    [
+        (131, 40000, 64, 16, torch.float32, False),  # three reference chunks, ragged 6-row group and 16-column panel
+        (257, 9000, 256, 64, torch.float32, True),  # self rows inside later column blocks
+        (40, 3000, 8, 1100, torch.float32, True),  # m > 1024: later blocks filter against an infinite threshold
+        (64, 5003, 33, 9, torch.bfloat16, False),  # bf16 input scores in float
+        (100, 2500, 17, 5, torch.float16, True),
+    ],
+)
+def test_panel_kernel_equals_blas_path(monkeypatch, b, n, d, k, dtype, exclude_self):
+    """Both score paths hand the exact re-rank a candidate set holding the true k nearest, so
+    the answers are identical; and both equal the float64 oracle."""
+    g = generator("cpu-panels", b, n, d, k)
+    ref = features(n, d, g, dtype)
+    off = int(torch.randint(0, n - b + 1, (), generator=g)) if exclude_self else 0
+    x = ref[off : off + b] if exclude_self else features(b, d, g, dtype)
+    got = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv("LDREG_CPU_BLAS_SCORES", env)
+        got[env] = L.knn(x, ref, k, exclude_self=exclude_self, self_offset=off, backend="cpu")
+    assert torch.equal(got["1"][0], got["0"][0]) and torch.equal(got["1"][1], got["0"][1])
+    dist, idx = got["0"]
+    checked = assert_knn_matches(dist, idx, x.float(), ref.float(), k, exclude_self=exclude_self, self_offset=off)
+    assert checked > 0.5

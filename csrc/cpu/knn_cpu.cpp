@@ -4,8 +4,10 @@
 //   1. Centre on the reference mean (distances are translation invariant; it shrinks the
 //      cancellation in |r|^2 - 2 x.r), a chunk of ~4 MiB of reference rows at a time, so a
 //      bank of any size is streamed once. Per chunk, at::parallel_for over blocks of 128
-//      query rows: each thread runs one single-threaded GEMM per 128 x 1024 block of scores
-//      (512 KiB, kept in its own L2) and filters it at once into a per-row buffer: the first
+//      query rows: each thread computes one 128 x 1024 block of scores at a time (float on
+//      AVX2+FMA: the packed-panel kernel of score_tile.h, filtering each 6 x 16 tile from L1;
+//      otherwise one single-threaded BLAS GEMM into 512 KiB kept in its own L2) and filters
+//      it at once into a per-row buffer: the first
 //      block's histogram gives a threshold with >= m = k + margin scores under it, later
 //      blocks are skipped 16 scores per vector compare unless one passes, and a full buffer
 //      keeps its m smallest (nth_element) and lowers the threshold. Memory: one score block
@@ -33,6 +35,7 @@
 #include <vector>
 
 #include "../knn.h"
+#include "score_tile.h"
 
 namespace ldreg {
 namespace {
@@ -276,6 +279,91 @@ inline void filter_row(acc_t* s, const acc_t* sqr, int64_t n, int64_t j0, int64_
   }
 }
 
+#ifdef LDREG_SCORE_TILE
+// Candidate buffer insertion for one row of a 16-column panel whose passing columns are the
+// bits of `mask` (scores already in s): the same rule as filter_row_impl's compaction.
+inline void insert_passing(uint32_t mask, const float* s, int64_t col0, int64_t own, int64_t m, int64_t cap,
+                           float& t, Cand<float>* c, int64_t& cnt) {
+  while (mask != 0) {
+    const int l = __builtin_ctz(mask);
+    mask &= mask - 1;
+    const int64_t j = col0 + l;
+    if (j != own) c[cnt++] = {s[l], static_cast<int32_t>(j)};
+  }
+  if (cnt >= cap - kAnyBlock) {
+    const auto by_score = [](const Cand<float>& a, const Cand<float>& b) { return a.d < b.d; };
+    std::nth_element(c, c + (m - 1), c + cnt, by_score);
+    cnt = m;
+    t = c[m - 1].d;
+  }
+}
+#endif
+
+// One reference chunk (cn centred rows rc, norms sqr, first global row c0) against every
+// query block, with the packed-panel kernel (score_tile.h) instead of BLAS. Each thread's
+// first block of columns is written out and filtered as in the BLAS path (its histogram
+// sets the row's threshold); every later 6 x 16 tile is filtered straight from L1, so the
+// score block never round-trips through memory. own_offset < 0: no self exclusion.
+void scores_by_tiles(const float* xsp, int64_t b, int64_t dim, int64_t qrows, int64_t nqb, const float* rc,
+                     const float* sqr, int64_t c0, int64_t cn, int64_t own_offset, int64_t m, int64_t cap,
+                     float* thr, int64_t* count, Cand<float>* buf) {
+#ifdef LDREG_SCORE_TILE
+  using score_tile::kGroup;
+  using score_tile::kPanel;
+  const int64_t np = (cn + kPanel - 1) / kPanel;
+  std::unique_ptr<float[]> packed(new float[static_cast<size_t>(np * kPanel * dim)]);
+  at::parallel_for(0, np, 16, [&](int64_t p0, int64_t p1) { score_tile::pack_panels(rc, cn, dim, p0, p1, packed.get()); });
+  // Norms padded to whole panels with +inf: a padded column never passes a finite threshold
+  // (and the valid-column mask covers an infinite one).
+  std::vector<float> sqr_pad(static_cast<size_t>(np * kPanel), std::numeric_limits<float>::infinity());
+  std::memcpy(sqr_pad.data(), sqr, sizeof(float) * cn);
+
+  at::parallel_for(0, nqb, 1, [&](int64_t qb0, int64_t qb1) {
+    std::vector<float> tile(static_cast<size_t>((qrows + kGroup) * kCols));
+    alignas(32) float small[kGroup * kPanel];
+    for (int64_t qb = qb0; qb < qb1; ++qb) {
+      const int64_t r0 = qb * qrows, rn = std::min(qrows, b - r0);
+      const int64_t ng = (rn + kGroup - 1) / kGroup;
+      for (int64_t j0 = 0; j0 < cn; j0 += kCols) {
+        const int64_t jn = std::min(kCols, cn - j0);
+        const bool first = c0 == 0 && j0 == 0;
+        for (int64_t p = 0; p < (jn + kPanel - 1) / kPanel; ++p) {
+          const int64_t col = j0 + p * kPanel;  // within the chunk
+          const float* bp = packed.get() + (col / kPanel) * dim * kPanel;
+          const uint32_t valid = cn - col >= kPanel ? 0xFFFFu : (1u << (cn - col)) - 1;
+          for (int64_t g = 0; g < ng; ++g) {
+            const int64_t gr = std::min(kGroup, rn - g * kGroup);
+            const float* a[kGroup];
+            for (int64_t i = 0; i < kGroup; ++i) a[i] = xsp + (r0 + g * kGroup + std::min(i, gr - 1)) * dim;
+            if (first) {
+              score_tile::tile6x16(a, bp, dim, tile.data() + g * kGroup * kCols + p * kPanel, kCols);
+              continue;
+            }
+            score_tile::tile6x16(a, bp, dim, small, kPanel);
+            for (int64_t i = 0; i < gr; ++i) {
+              const int64_t row = r0 + g * kGroup + i;
+              float* s = small + i * kPanel;
+              const uint32_t mask = score_tile::scores_le(s, sqr_pad.data() + col, thr[row]) & valid;
+              if (mask != 0) {
+                insert_passing(mask, s, c0 + col, own_offset >= 0 ? row + own_offset : -1, m, cap, thr[row],
+                               buf + row * cap, count[row]);
+              }
+            }
+          }
+        }
+        if (first) {
+          for (int64_t r = 0; r < rn; ++r) {
+            const int64_t row = r0 + r;
+            filter_row<float>(tile.data() + r * kCols, sqr + j0, jn, c0 + j0, own_offset >= 0 ? row + own_offset : -1,
+                              m, cap, thr[row], buf + row * cap, count[row]);
+          }
+        }
+      }
+    }
+  });
+#endif
+}
+
 template <typename scalar_t, typename acc_t>
 void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t self_offset,
                   bool exclude_self, at::Tensor& dist, at::Tensor& idx) {
@@ -305,12 +393,22 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   std::vector<acc_t> thr(static_cast<size_t>(b), std::numeric_limits<acc_t>::infinity());
   acc_t max_sqr = 0;
 
+  bool tiles = false;
+  if constexpr (std::is_same_v<acc_t, float>) tiles = score_tile::usable();
+
   for (int64_t c0 = 0; c0 < n; c0 += chunk) {
     const int64_t cn = std::min(chunk, n - c0);
     const at::Tensor rc = (ref.narrow(0, c0, cn).to(ct) - mu).contiguous();
     const at::Tensor sqr_t = (rc * rc).sum(1);
     max_sqr = std::max(max_sqr, sqr_t.max().template item<acc_t>());
     const acc_t* sqr = sqr_t.data_ptr<acc_t>();
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (tiles) {
+        scores_by_tiles(xsp, b, dim, qrows, nqb, rc.data_ptr<float>(), sqr, c0, cn, exclude_self ? self_offset : -1,
+                        m, cap, thr.data(), count.data(), buf.get());
+        continue;
+      }
+    }
     at::parallel_for(0, nqb, 1, [&](int64_t qb0, int64_t qb1) {
       std::vector<acc_t> tile(static_cast<size_t>(qrows * kCols));
       const auto topt = at::TensorOptions().dtype(ct);
