@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "../knn.h"
+#include "rerank.h"
 #include "score_tile.h"
 
 namespace ldreg {
@@ -147,6 +148,9 @@ float sqdist_f32(const float* a, const float* b, int64_t d) {
 template <typename scalar_t, typename acc_t>
 inline acc_t exact_sqdist(const scalar_t* a, const scalar_t* b, int64_t d) {
   if constexpr (std::is_same_v<scalar_t, float>) {
+#ifdef LDREG_RERANK_AVX2
+    if (rerank::have_avx2_fma()) return rerank::sqdist_avx2(a, b, d);
+#endif
     return sqdist_f32(a, b, d);
   } else {
     return sqdist<scalar_t, acc_t>(a, b, d);
@@ -276,6 +280,39 @@ inline void filter_row(acc_t* s, const acc_t* sqr, int64_t n, int64_t j0, int64_
     filter_row_f32(s, sqr, n, j0, own, m, cap, t, c, cnt);
   } else {
     filter_row_impl<acc_t>(s, sqr, n, j0, own, m, cap, t, c, cnt);
+  }
+}
+
+// The float re-rank of one row (the double one, inline below, does the same with
+// nth_element and sort over candidates): the k best-scored candidates by (score, index) key
+// (select_smallest); exact distances of those, whose largest w0 bounds the k-th exact
+// distance; exact distances of any other candidate the certificate cannot prove farther
+// than w0; the k smallest (distance, index) keys, sorted, are the answer.
+template <typename scalar_t>
+void rerank_by_keys(const Cand<float>* h, int64_t cnt, int64_t k, const scalar_t* xr, const scalar_t* rp, int64_t dim,
+                    float sqx, float a, float coef, rerank::Scratch& s, float* dout, int64_t* iout) {
+  uint64_t* keys = s.keys.data();
+  for (int64_t c = 0; c < cnt; ++c) keys[c] = rerank::key(h[c].d, h[c].i);
+  rerank::select_smallest(keys, cnt, k, s);
+  const auto exact = [&](uint64_t key) {
+    const int32_t i = rerank::key_index(key);
+    return rerank::key(std::sqrt(exact_sqdist<scalar_t, float>(xr, rp + static_cast<int64_t>(i) * dim, dim)), i);
+  };
+  // In place: keys[0..k) become distance keys; keys[k..e) the candidates that need one.
+  uint64_t far = 0;
+  for (int64_t c = 0; c < k; ++c) {
+    keys[c] = exact(keys[c]);
+    far = std::max(far, keys[c]);
+  }
+  const float w0 = rerank::key_value(far);
+  int64_t e = k;
+  for (int64_t c = k; c < cnt; ++c) {
+    if (!certified<float>(w0, rerank::key_value(keys[c]) + sqx, a, coef)) keys[e++] = exact(keys[c]);
+  }
+  const uint64_t* sorted = rerank::sort_keys(keys, e, s);
+  for (int64_t c = 0; c < k; ++c) {
+    dout[c] = rerank::key_value(sorted[c]);
+    iout[c] = rerank::key_index(sorted[c]);
   }
 }
 
@@ -440,6 +477,7 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
 
   at::parallel_for(0, b, 8, [&](int64_t r0, int64_t r1) {
     const auto by_score = [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return a.d < b.d; };
+    rerank::Scratch scratch(std::is_same_v<acc_t, float> ? cap : 0);  // float: rerank_by_keys' buffers
     for (int64_t row = r0; row < r1; ++row) {
       Cand<acc_t>* h = buf.get() + row * cap;
       const int64_t cnt = count[row];  // >= m; every score <= the row's final threshold
@@ -453,26 +491,31 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
       // k-th exact distance from above. Any other candidate whose score proves it farther
       // than w0 (the certificate's own test, with its score as the bound) cannot be among
       // the k nearest and gets no exact distance; the rest are moved up behind the k.
-      if (cnt > k) std::nth_element(h, h + (k - 1), h + cnt, by_score);
-      acc_t w0 = 0;
-      for (int64_t c = 0; c < k; ++c) {
-        h[c].d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + static_cast<int64_t>(h[c].i) * dim, dim));
-        w0 = std::max(w0, h[c].d);
+      if constexpr (std::is_same_v<acc_t, float>) {
+        rerank_by_keys<scalar_t>(h, cnt, k, xr, rp, dim, sqxp[row], a, coef, scratch, dp + row * k,
+                                 ip + row * k);
+      } else {
+        if (cnt > k) std::nth_element(h, h + (k - 1), h + cnt, by_score);
+        acc_t w0 = 0;
+        for (int64_t c = 0; c < k; ++c) {
+          h[c].d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + static_cast<int64_t>(h[c].i) * dim, dim));
+          w0 = std::max(w0, h[c].d);
+        }
+        int64_t e = k;
+        for (int64_t c = k; c < cnt; ++c) {
+          if (certified<acc_t>(w0, h[c].d + sqxp[row], a, coef)) continue;
+          h[e].i = h[c].i;
+          h[e].d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + static_cast<int64_t>(h[c].i) * dim, dim));
+          ++e;
+        }
+        if (e > k) std::nth_element(h, h + (k - 1), h + e);
+        std::sort(h, h + k);
+        for (int64_t c = 0; c < k; ++c) {
+          dp[row * k + c] = h[c].d;
+          ip[row * k + c] = h[c].i;
+        }
       }
-      int64_t e = k;
-      for (int64_t c = k; c < cnt; ++c) {
-        if (certified<acc_t>(w0, h[c].d + sqxp[row], a, coef)) continue;
-        h[e].i = h[c].i;
-        h[e].d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + static_cast<int64_t>(h[c].i) * dim, dim));
-        ++e;
-      }
-      if (e > k) std::nth_element(h, h + (k - 1), h + e);
-      std::sort(h, h + k);
-      for (int64_t c = 0; c < k; ++c) {
-        dp[row * k + c] = h[c].d;
-        ip[row * k + c] = h[c].i;
-      }
-      const acc_t w = h[k - 1].d;
+      const acc_t w = dp[row * k + k - 1];
       redo[row] = (cnt < n_valid) && !certified<acc_t>(w, bound, a, coef);
     }
   });
