@@ -119,8 +119,23 @@ def _ratio(other: dict | None, ours: dict) -> str:
     return f"{other['ms'] / ours['ms']:.2f}x"
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    """The report: context, headline ratios, skipped shapes, the full table, the legend."""
+def scaling_section(stem: str) -> list[str]:
+    """The scaling report beside this one (``<stem>-scaling.md``, python -m benchmarks.scaling),
+    inlined under one heading: its time-vs-N and threads table, plot and the full-size bank."""
+    path = stem + "-scaling.md"
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        body = f.read().splitlines()[1:]  # its own title
+    lines = [f"## Scaling with N and threads, and the full-size memory bank "
+             f"([{os.path.basename(path)}]({os.path.basename(path)}))"]
+    lines += ["#" + line if line.startswith("## ") else line for line in body]
+    return lines + [""]
+
+
+def markdown(rows: list[dict], meta: dict, extra: list[str] | None = None) -> str:
+    """The report: context, headline ratios, ``extra`` sections, skipped shapes, the full
+    table, the legend."""
     m0 = rows[0] if rows else {}
     lines = [
         f"# kNN / LID / LDReg benchmark: {m0.get('machine', '?')}",
@@ -161,6 +176,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{_num(o['ms'] / h['floor']['ms'] if h['floor'] else math.nan, '.2f')} |"
             )
         lines.append("")
+    lines += extra or []
+    if meta.get("caveats"):  # added to the JSON by hand after a run: what the numbers cannot show
+        lines += ["## Caveats", ""] + [f"- {c}" for c in meta["caveats"]] + [""]
     if meta.get("skipped_shapes"):
         lines += ["## Spec shapes not in this sweep", ""]
         lines += [f"- {s}" for s in meta["skipped_shapes"]] + [""]
@@ -258,7 +276,7 @@ def write_all(csv_path: str, rows: Iterable[dict] | None = None, meta: dict | No
     meta = meta if meta is not None else read_meta(csv_path)
     stem = os.path.splitext(csv_path)[0]
     with open(stem + ".md", "w") as f:
-        f.write(markdown(rows, meta))
+        f.write(markdown(rows, meta, scaling_section(stem)))
     title = f"{rows[0]['machine']}, torch {rows[0]['torch']}, {rows[0]['date']}" if rows else ""
     try:
         plot(rows, stem + ".png", title)

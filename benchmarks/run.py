@@ -40,9 +40,11 @@ SPEC_BANK: list[Shape] = [(4096, n, 256, 64) for n in (16384, 65536, 262144, 104
 CPU_BN: list[Shape] = [(n, n, d, 64) for n in (1024, 2048, 4096) for d in (128, 512)] + [
     (n, n, 128, k) for n in (1024, 2048, 4096) for k in (16, 256)]
 CPU_BANK: list[Shape] = [(1024, n, 256, 64) for n in (16384, 65536, 262144)]
+# k=512: the official code tracks LID at k=512 every step (not a spec shape; CPU only).
+CPU_LARGE_K: list[Shape] = [(n, n, 128, 512) for n in (1024, 2048)]
 SWEEPS: dict[str, list[Shape]] = {
     "gpu": SPEC_BN + SPEC_BANK,
-    "cpu": CPU_BN + CPU_BANK,
+    "cpu": CPU_BN + CPU_LARGE_K + CPU_BANK,
     "smoke": [(64, 64, 16, 8), (32, 256, 16, 8)],
 }
 

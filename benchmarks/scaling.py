@@ -10,7 +10,8 @@ queries, fp32) and are timed on the kNN search alone: ``ldreg_kernels.knn(backen
 would. Threads: each count in --threads (default: 1 and os.cpu_count(); nothing assumes 2),
 set for torch and FAISS alike. The bank runs each method in a fresh subprocess and reports
 the growth of peak RSS (VmHWM, reset through /proc/self/clear_refs after the inputs exist)
-across one call. Writes <out-dir>/<machine>-scaling.{csv,md,png}.
+across one call. Writes <out-dir>/<machine>-scaling.{csv,md,png}, and redraws the CPU sweep's
+report beside it (<machine>.md), which inlines this one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 
 import torch
 
+from benchmarks import report
 from benchmarks.run import RESULTS, device_detail, machine_slug
 
 
@@ -53,6 +55,22 @@ def time_call(fn, x, ref, k: int, budget_s: float) -> float:
         dt = time.perf_counter() - t
         best, spent = min(best, dt), spent + dt
     return best
+
+
+def busy_share(seconds: float = 1.0) -> float:
+    """Share of all CPUs' time spent busy over ``seconds`` (/proc/stat; nan elsewhere)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return sum(v) - idle, sum(v)
+    try:
+        b0, t0 = sample()
+        time.sleep(seconds)
+        b1, t1 = sample()
+    except OSError:
+        return float("nan")
+    return (b1 - b0) / max(1, t1 - t0)
 
 
 def _status_kib(field: str) -> int:
@@ -130,10 +148,13 @@ def write(args, rows: list[dict], bank: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     load = os.getloadavg()
-    busy = args.load_start[0] > 0.5 or load[0] > 0.5
+    # Other processes: the CPU share busy just before the run (a load average still holds the
+    # last minutes' work, and at the end this run's own threads).
+    busy = args.busy_start > 0.1
     lines = [f"# kNN scaling on the CPU: ours-cpu vs FAISS IndexFlatL2 ({machine_slug(torch.device('cpu'))})", "",
              f"- machine: {device_detail(torch.device('cpu'))}; load average (1/5/15 min) at the start "
              + " / ".join(f"{v:.2f}" for v in args.load_start) + ", at the end " + " / ".join(f"{v:.2f}" for v in load)
+             + f" (this run's own threads); {args.busy_start:.0%} of the CPUs busy in the second before it"
              + (" (other processes shared these cores: absolute times are noisy, and a thread count above the idle "
                 "cores measures the contention, not the code; compare the two methods within one row, timed "
                 "interleaved)" if busy else ""),
@@ -188,6 +209,9 @@ def write(args, rows: list[dict], bank: list[dict]) -> None:
         fig.tight_layout()
         fig.savefig(stem + ".png", dpi=110)
     print("wrote", stem + ".{csv,md" + (",png}" if rows else "}"))
+    sweep_csv = stem[: -len("-scaling")] + ".csv"
+    if os.path.exists(sweep_csv):  # the sweep's report inlines this one: redraw it
+        print("updated", report.write_all(sweep_csv)[0])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     args.threads = [int(v) for v in args.threads.split(",")] if args.threads else sorted({1, cpus})
     args.methods = args.methods.split(",")
     args.load_start = os.getloadavg()
+    args.busy_start = busy_share()
     rows = run_scaling(args) if args.scaling else []
     bank = run_bank(args) if args.bank else []
     write(args, rows, bank)
