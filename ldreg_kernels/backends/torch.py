@@ -24,6 +24,10 @@ __all__ = ["knn_forward", "knn_backward", "selection_precision", "BACKENDS"]
 _DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
+# Fewest query rows per score tile before the reference is split into column blocks.
+TILE_ROWS = 256
+
+
 def selection_precision(x: Tensor) -> str:
     """"tf32" where torch's matmul rounds fp32 inputs to TF32 (CUDA, allowed by the user)."""
     if x.is_cuda and _host.compute_dtype(x.dtype) == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
@@ -59,15 +63,32 @@ def knn_forward(
         xsel, rsel = _host.round_to_tf32(xs), _host.round_to_tf32(rs)
     cand = torch.empty((b, n_cand), dtype=torch.int64, device=x.device)
     bound = torch.empty(b, dtype=ct, device=x.device)  # approx. squared distance of the last candidate
+    # Score tiles of at most SCORE_ELEMS: whole reference rows while that leaves chunks of at
+    # least TILE_ROWS queries, else TILE_ROWS queries against column blocks with a running
+    # top-n_cand. (Whole rows of a big bank meant a few queries per matmul, each re-reading
+    # the whole bank: time quadratic in N.)
     step = _host.row_chunk(b, n, _host.SCORE_ELEMS)
+    cols = n
+    if step < min(b, TILE_ROWS):
+        step = min(b, TILE_ROWS)
+        cols = max(n_cand, _host.SCORE_ELEMS // step)
     for s in range(0, b, step):
-        score = torch.addmm(sq_ref, xsel[s : s + step], rsel.t(), beta=1.0, alpha=-2.0)
-        if exclude_self:
-            rows = torch.arange(score.shape[0], device=x.device)
-            score[rows, rows + s + self_offset] = float("inf")
-        top = torch.topk(score, n_cand, dim=1, largest=False, sorted=False)
-        cand[s : s + step] = top.indices
-        bound[s : s + step] = top.values.max(dim=1).values + sq_x[s : s + step]
+        rows = torch.arange(min(step, b - s), device=x.device)
+        own = rows + s + self_offset
+        top_v = top_i = None
+        for c0 in range(0, n, cols):
+            c1 = min(n, c0 + cols)
+            score = torch.addmm(sq_ref[c0:c1], xsel[s : s + step], rsel[c0:c1].t(), beta=1.0, alpha=-2.0)
+            if exclude_self:
+                mine = (own >= c0) & (own < c1)
+                score[rows[mine], own[mine] - c0] = float("inf")
+            ids = torch.arange(c0, c1, device=x.device).expand(score.shape[0], -1)
+            if top_v is not None:
+                score, ids = torch.cat([top_v, score], dim=1), torch.cat([top_i, ids], dim=1)
+            top = torch.topk(score, min(n_cand, score.shape[1]), dim=1, largest=False, sorted=False)
+            top_v, top_i = top.values, ids.gather(1, top.indices)
+        cand[s : s + step] = top_i
+        bound[s : s + step] = top_v.max(dim=1).values + sq_x[s : s + step]
     dist, idx = _host.rerank(x, ref, cand, k)
     if n_cand < n_valid:
         coef = _host.certificate_coef(x.shape[1], torch.finfo(ct).eps, _host.INPUT_UNIT[precision])
