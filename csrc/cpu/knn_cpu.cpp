@@ -13,7 +13,8 @@
 //      keeps its m smallest (nth_element) and lowers the threshold. Memory: one score block
 //      per thread plus O(B * m); never B x N.
 //   2. Per row, exact distances by direct differences (float for float/half/bf16 input,
-//      double for double) of the k best-scored candidates, then of any other candidate the
+//      double for double; rerank.h for float: FMA chains, and candidates ordered by bucket
+//      select/sort on (value, index) keys) of the k best-scored candidates, then of any other candidate the
 //      certificate's test cannot prove farther than the largest of those; lexicographic
 //      (distance, index) order, keep k. Rows where an unseen reference row could still tie
 //      or beat the k-th neighbour within matmul rounding (the certificate, knn.h, with the
