@@ -82,7 +82,7 @@ def test_float32_distance_overflow_raises(device_backend):
     dev, backend = device_backend
     g = generator("overflow")
     x = ((torch.rand(_n(backend, 20), 256, generator=g) * 2 - 1) * 1e38).to(dev)
-    with pytest.raises(ValueError, match=re.escape("the distances overflow float32 (largest |feature| is 9.99")):
+    with pytest.raises(ValueError, match=re.escape("the distances overflow float32 (largest |feature| is ")):
         L.knn(x, k=3, backend=backend)
     d, _ = L.knn(x.double(), k=3, backend=backend)  # float64 holds them
     assert torch.isfinite(d).all() and d.min() > 1e38
