@@ -149,8 +149,8 @@ float sqdist_f32(const float* a, const float* b, int64_t d) {
 template <typename scalar_t, typename acc_t>
 inline acc_t exact_sqdist(const scalar_t* a, const scalar_t* b, int64_t d) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-#ifdef LDREG_RERANK_AVX2
-    if (rerank::have_avx2_fma()) return rerank::sqdist_avx2(a, b, d);
+#ifdef LDREG_X86_AVX2
+    if (cpu_has_avx2_fma()) return rerank::sqdist_avx2(a, b, d);
 #endif
     return sqdist_f32(a, b, d);
   } else {
@@ -220,6 +220,16 @@ inline bool any_le(const acc_t* p, acc_t t) {
   return r != 0;
 }
 
+// A full candidate buffer keeps its m smallest scores, and the row's threshold t drops to
+// the m-th of them (every dropped score is >= it).
+template <typename acc_t>
+inline void shrink_to_m(Cand<acc_t>* c, int64_t& cnt, int64_t m, acc_t& t) {
+  const auto by_score = [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return a.d < b.d; };
+  std::nth_element(c, c + (m - 1), c + cnt, by_score);
+  cnt = m;
+  t = c[m - 1].d;
+}
+
 // One row of a score block: s_j = |r_j|^2 - 2 x.r_j for the n columns starting at global
 // column j0 (written back into dot), then every s_j <= t (but own) enters the candidate
 // buffer c (cnt entries, capacity cap). A full buffer keeps its m smallest and t drops to
@@ -237,7 +247,6 @@ __attribute__((always_inline)) inline void filter_row_impl(acc_t* s, const acc_t
     // m-th from above, so it is a valid (and already tight) threshold.
     t = histogram_threshold(s, n, own - j0, m);
   }
-  const auto by_score = [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return a.d < b.d; };
   int64_t jb = 0;
   for (; jb + kAnyBlock <= n; jb += kAnyBlock) {
     if (!any_le(s + jb, t)) continue;
@@ -247,20 +256,12 @@ __attribute__((always_inline)) inline void filter_row_impl(acc_t* s, const acc_t
       c[cnt] = {s[j], static_cast<int32_t>(j0 + j)};
       cnt += static_cast<int64_t>((s[j] <= t) & (j0 + j != own));
     }
-    if (cnt >= cap - kAnyBlock) {
-      std::nth_element(c, c + (m - 1), c + cnt, by_score);
-      cnt = m;
-      t = c[m - 1].d;
-    }
+    if (cnt >= cap - kAnyBlock) shrink_to_m(c, cnt, m, t);
   }
   for (; jb < n; ++jb) {
     c[cnt] = {s[jb], static_cast<int32_t>(j0 + jb)};
     cnt += static_cast<int64_t>((s[jb] <= t) & (j0 + jb != own));
-    if (cnt >= cap - kAnyBlock) {
-      std::nth_element(c, c + (m - 1), c + cnt, by_score);
-      cnt = m;
-      t = c[m - 1].d;
-    }
+    if (cnt >= cap - kAnyBlock) shrink_to_m(c, cnt, m, t);
   }
   t_io = t;
   cnt_io = cnt;
@@ -317,7 +318,7 @@ void rerank_by_keys(const Cand<float>* h, int64_t cnt, int64_t k, const scalar_t
   }
 }
 
-#ifdef LDREG_SCORE_TILE
+#ifdef LDREG_X86_AVX2
 // Candidate buffer insertion for one row of a 16-column panel whose passing columns are the
 // bits of `mask` (scores already in s): the same rule as filter_row_impl's compaction.
 inline void insert_passing(uint32_t mask, const float* s, int64_t col0, int64_t own, int64_t m, int64_t cap,
@@ -328,12 +329,7 @@ inline void insert_passing(uint32_t mask, const float* s, int64_t col0, int64_t 
     const int64_t j = col0 + l;
     if (j != own) c[cnt++] = {s[l], static_cast<int32_t>(j)};
   }
-  if (cnt >= cap - kAnyBlock) {
-    const auto by_score = [](const Cand<float>& a, const Cand<float>& b) { return a.d < b.d; };
-    std::nth_element(c, c + (m - 1), c + cnt, by_score);
-    cnt = m;
-    t = c[m - 1].d;
-  }
+  if (cnt >= cap - kAnyBlock) shrink_to_m(c, cnt, m, t);
 }
 #endif
 
@@ -345,7 +341,7 @@ inline void insert_passing(uint32_t mask, const float* s, int64_t col0, int64_t 
 void scores_by_tiles(const float* xsp, int64_t b, int64_t dim, int64_t qrows, int64_t nqb, const float* rc,
                      const float* sqr, int64_t c0, int64_t cn, int64_t own_offset, int64_t m, int64_t cap,
                      float* thr, int64_t* count, Cand<float>* buf) {
-#ifdef LDREG_SCORE_TILE
+#ifdef LDREG_X86_AVX2
   using score_tile::kGroup;
   using score_tile::kPanel;
   const int64_t np = (cn + kPanel - 1) / kPanel;

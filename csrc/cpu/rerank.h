@@ -14,24 +14,12 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LDREG_RERANK_AVX2 1
-#include <immintrin.h>
-#endif
+#include "x86_simd.h"
 
 namespace ldreg {
 namespace rerank {
 
-inline bool have_avx2_fma() {
-#ifdef LDREG_RERANK_AVX2
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-#else
-  return false;
-#endif
-}
-
-#ifdef LDREG_RERANK_AVX2
+#ifdef LDREG_X86_AVX2
 // sum_j (a_j - b_j)^2: four 8-lane FMA chains, a masked load for the last d % 8 dimensions,
 // then a fixed reduction order (so a given pair always gets the same bits).
 __attribute__((target("avx2,fma"))) inline float sqdist_avx2(const float* a, const float* b, int64_t d) {

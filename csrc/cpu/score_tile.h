@@ -16,10 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LDREG_SCORE_TILE 1
-#include <immintrin.h>
-#endif
+#include "x86_simd.h"
 
 namespace ldreg {
 namespace score_tile {
@@ -30,13 +27,8 @@ constexpr int64_t kGroup = 6;   // query rows per register tile
 // Whether this CPU runs the kernel. LDREG_CPU_BLAS_SCORES=1 forces the BLAS path (tests
 // compare the two; a user can rule the kernel out without rebuilding).
 inline bool usable() {
-#ifdef LDREG_SCORE_TILE
-  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const char* off = std::getenv("LDREG_CPU_BLAS_SCORES");
-  return cpu && !(off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0);
-#else
-  return false;
-#endif
+  return cpu_has_avx2_fma() && !(off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0);
 }
 
 // Panel p of `out` holds rows [16p, 16p + 16) of r (n x dim, row-major) as [dim][16]: one
@@ -53,8 +45,10 @@ inline void pack_panels(const float* r, int64_t n, int64_t dim, int64_t p0, int6
   }
 }
 
-#ifdef LDREG_SCORE_TILE
+#ifdef LDREG_X86_AVX2
 // c[i * ldc + l] = a[i] . panel row l, for the 6 query rows a[0..5] (any may alias).
+// Written out row by row: the loop form (__m256 acc[6][2]) keeps its accumulators in
+// registers only under a compiler-specific unroll pragma; without one GCC runs it at half speed.
 __attribute__((target("avx2,fma"))) inline void tile6x16(const float* const* a, const float* bp, int64_t dim,
                                                          float* c, int64_t ldc) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
