@@ -44,6 +44,16 @@ def make_inputs(b: int, n: int, d: int, device: torch.device, seed: int = 0) -> 
     return x, ref
 
 
+def cpu_jiffies() -> list[int]:
+    """All CPUs' time counters from /proc/stat's first line (user, nice, system, idle, iowait,
+    irq, softirq, steal, ...); [] where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(t) for t in f.readline().split()[1:]]
+    except OSError:
+        return []
+
+
 def selection_flops(b: int, n: int, d: int) -> float:
     """Flops of the neighbour selection's matmul, 2*B*N*D: the floor's work, and the count
     behind every TFLOP/s the benchmarks report (forward and forward+backward alike)."""

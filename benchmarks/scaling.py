@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from benchmarks import report
+from benchmarks import measure, report
 from benchmarks.run import RESULTS, device_detail, machine_slug
 
 
@@ -60,17 +60,12 @@ def time_call(fn, x, ref, k: int, budget_s: float) -> float:
 def busy_share(seconds: float = 1.0) -> float:
     """Share of all CPUs' time spent busy over ``seconds`` (/proc/stat; nan elsewhere)."""
     def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(t) for t in f.readline().split()[1:]]
-        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-        return sum(v) - idle, sum(v)
-    try:
-        b0, t0 = sample()
-        time.sleep(seconds)
-        b1, t1 = sample()
-    except OSError:
-        return float("nan")
-    return (b1 - b0) / max(1, t1 - t0)
+        v = measure.cpu_jiffies()
+        return sum(v) - sum(v[3:5]), sum(v)  # all but idle + iowait
+    b0, t0 = sample()
+    time.sleep(seconds)
+    b1, t1 = sample()
+    return (b1 - b0) / (t1 - t0) if t1 > t0 else float("nan")
 
 
 def _status_kib(field: str) -> int:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks import providers
+from benchmarks import measure, providers
 from benchmarks.run import RESULTS, SWEEPS, machine_slug
 
 PEERS = ("mm-topk", "faiss")
@@ -31,11 +31,7 @@ PEERS = ("mm-topk", "faiss")
 
 def steal_ticks() -> tuple[int, int]:
     """(steal, total) jiffies of all CPUs from /proc/stat; (0, 0) where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(t) for t in f.readline().split()[1:]]
-    except OSError:
-        return 0, 0
+    v = measure.cpu_jiffies()
     return (v[7] if len(v) > 7 else 0), sum(v)
 
 
