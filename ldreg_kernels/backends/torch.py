@@ -79,9 +79,9 @@ def knn_forward(
         for c0 in range(0, n, cols):
             c1 = min(n, c0 + cols)
             score = torch.addmm(sq_ref[c0:c1], xsel[s : s + step], rsel[c0:c1].t(), beta=1.0, alpha=-2.0)
-            if exclude_self:
-                mine = (own >= c0) & (own < c1)
-                score[rows[mine], own[mine] - c0] = float("inf")
+            if exclude_self:  # own rows in this block to +inf; no boolean indexing (a host sync on CUDA)
+                col = (own - c0).clamp(0, c1 - c0 - 1)
+                score[rows, col] = torch.where((own >= c0) & (own < c1), float("inf"), score[rows, col])
             ids = torch.arange(c0, c1, device=x.device).expand(score.shape[0], -1)
             if top_v is not None:
                 score, ids = torch.cat([top_v, score], dim=1), torch.cat([top_i, ids], dim=1)
