@@ -8,7 +8,9 @@ would download another torch and compile an extension your torch cannot load.
 The CPU kernels are always built. The CUDA kernels are added when the installed torch is a
 CUDA build and CUDA_HOME (nvcc) is found, or when forced; the decision never asks for a GPU,
 so a GPU-less build machine still ships CUDA kernels (DESIGN.md convention 4). A CUDA torch
-without a CUDA toolkit builds the CPU kernels only.
+without a CUDA toolkit builds the CPU kernels only. A CUDA home without the CUDA runtime
+library (torch guesses it from the nvcc on PATH, which may be a wrapper script) stops the
+build before compiling: "set CUDA_HOME to your CUDA toolkit (found nvcc at ...)".
 
 A compile error fails the build with the compiler's message. Only a missing prerequisite
 (no C++ compiler, torch not importable) installs the pure-Python backends instead; the
@@ -67,6 +69,37 @@ def _isolated_build_env() -> bool:
     (``pip-build-env-*`` on sys.path) or ``python -m build``'s (a ``build-env-*`` venv)."""
     paths = [sys.prefix, *sys.path]
     return any("pip-build-env-" in p or os.path.basename(p).startswith("build-env-") for p in paths)
+
+
+# Where a CUDA toolkit keeps its runtime library, relative to CUDA_HOME (torch links the CUDA
+# kernels with -L<CUDA_HOME>/lib64 (or lib) -lcudart; conda and the NVIDIA packages put it in
+# lib/ or targets/<arch>/lib/).
+CUDART_GLOBS = [f"{d}/{n}" for d in ("lib64", "lib", "targets/*/lib", "lib/x64")
+                for n in ("libcudart.so", "libcudart.so.*", "libcudart.a", "libcudart.dylib", "cudart.lib")]
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
+
+
+def _has_cuda_runtime(home: str) -> bool:
+    import glob
+
+    return any(glob.glob(os.path.join(glob.escape(home), g)) for g in CUDART_GLOBS)
+
+
+def _cuda_home_problem(home: str) -> str | None:
+    """Why ``home`` (torch's CUDA_HOME, perhaps guessed from the nvcc on PATH) cannot link the
+    CUDA kernels, or None. Checked before compiling: a wrong guess (an nvcc wrapper in
+    /usr/local/bin makes torch guess CUDA_HOME=/usr/local) otherwise fails at link time,
+    minutes in, with "cannot find -lcudart"."""
+    if _has_cuda_runtime(home):
+        return None
+    nvcc = os.path.join(home, "bin", "nvcc")
+    nvcc = nvcc if os.path.exists(nvcc) else (shutil.which("nvcc") or "no nvcc on PATH")
+    hint = ""
+    if os.path.realpath(home) != os.path.realpath(DEFAULT_CUDA_HOME) and _has_cuda_runtime(DEFAULT_CUDA_HOME):
+        hint = f"; {DEFAULT_CUDA_HOME} holds one: CUDA_HOME={DEFAULT_CUDA_HOME}"
+    return (f"ldreg-kernels: CUDA_HOME={home} holds no CUDA runtime library (libcudart in lib64/, lib/ or "
+            f"targets/*/lib/), so the CUDA kernels could not be linked; set CUDA_HOME to your CUDA toolkit "
+            f"(found nvcc at {nvcc}{hint}), or set LDREG_NO_CUDA=1 to build the CPU kernels only.")
 
 
 def _missing_compiler() -> str | None:
@@ -141,6 +174,8 @@ def _plan() -> Plan:
         )
     else:
         with_cuda, why_not = True, ""
+    if with_cuda and ce.CUDA_HOME is not None and not plan.fatal:
+        plan.fatal = _cuda_home_problem(ce.CUDA_HOME)
     plan.info.update(extension=True, cuda_kernels=with_cuda, cuda_reason=why_not)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 

@@ -7,6 +7,7 @@ another torch. Building and installing the sdist and the wheel into fresh venvs 
 and runs in CI: .ci/dist_check.sh (``make dist-check``).
 """
 
+import glob
 import json
 import os
 import re
@@ -57,6 +58,23 @@ def _setup(tree, *args, env=None, pythonpath=None):
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, "setup.py", *args], cwd=tree, env=env, capture_output=True, text=True)
+
+
+# torch's own log lines ("W1202 03:24:00.903000 4308 .../cpp_extension.py:183] No CUDA runtime is
+# found, using CUDA_HOME='/usr/local'", logged when a CUDA torch is imported on a GPU-less host).
+TORCH_LOG_LINE = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+
+
+def _ours(stderr: str) -> str:
+    """stderr without torch's log lines: what setup.py itself said, compared word for word."""
+    return "\n".join(line for line in stderr.strip().splitlines() if not TORCH_LOG_LINE.match(line)).strip()
+
+
+def test_ours_drops_torchs_log_lines_only():
+    warning = ("W1202 03:24:00.903000 4308 venv/lib/python3.11/site-packages/torch/utils/cpp_extension.py:183] "
+               "No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+    assert _ours(f"{warning}\nldreg-kernels: an error\n") == "ldreg-kernels: an error"
+    assert _ours("warning: something else\nldreg-kernels: an error") == "warning: something else\nldreg-kernels: an error"
 
 
 def _fake_module(where: Path, name: str, source: str) -> Path:
@@ -110,7 +128,7 @@ def test_old_setuptools_fails_with_clear_message(tree, tmp_path):
     fake = _fake_module(tmp_path, "setuptools", '__version__ = "75.3.0"\n')
     r = _setup(tree, "--version", pythonpath=fake)
     assert r.returncode == 1
-    assert r.stderr.strip() == (
+    assert _ours(r.stderr) == (
         "ldreg-kernels: setuptools>=77 is required to build this package (pyproject.toml uses PEP 639 license "
         "metadata), but setuptools 75.3.0 is installed; upgrade it: pip install -U 'setuptools>=77'"
     )
@@ -124,7 +142,7 @@ def test_isolated_build_fails_fast_but_sdist_works(tree, tmp_path):
     env_dir = _fake_module(tmp_path / "pip-build-env-test", "torch", NO_TORCH)
     r = _setup(tree, "build_py", "--build-lib", str(tmp_path / "lib"), pythonpath=env_dir)
     assert r.returncode == 1
-    assert r.stderr.strip() == (
+    assert _ours(r.stderr) == (
         "ldreg-kernels: torch is not importable in this isolated build environment. The C++ extension must be "
         "compiled against the torch you run with, so torch is not a build requirement. Install torch first, "
         "then build without isolation:\n"
@@ -153,7 +171,7 @@ def test_missing_compiler_skips_the_extension_with_its_reason(tree, tmp_path):
     r = _setup(tree, "build_py", "--build-lib", str(tmp_path / "lib2"),
                env=_env(CXX="/nonexistent/c++", LDREG_REQUIRE_EXT="1"))
     assert r.returncode == 1
-    assert r.stderr.strip() == f"ldreg-kernels: LDREG_REQUIRE_EXT=1 but the C++ extension cannot be built: {reason}"
+    assert _ours(r.stderr) == f"ldreg-kernels: LDREG_REQUIRE_EXT=1 but the C++ extension cannot be built: {reason}"
 
 
 def test_torch_missing_outside_isolation_skips_with_its_reason(tree, tmp_path):
@@ -186,6 +204,77 @@ def test_cuda_torch_without_toolkit_builds_cpu_kernels_only(tree, tmp_path):
            "install it, set CUDA_HOME, and rebuild")
     assert info == {"extension": True, "reason": "", "torch": torch.__version__, "cuda_kernels": False,
                     "cuda_reason": why}
+
+
+# A CUDA torch (this one, or a CPU torch made to look like one) whose CUDA home is guessed from
+# the nvcc on PATH: torch takes <dir of nvcc>/.. as CUDA_HOME.
+LOOKS_LIKE_CUDA_TORCH = (
+    "import torch, torch.utils.cpp_extension as ce\n"
+    "if torch.version.cuda is None:\n    torch.version.cuda = '13.0'\n"
+    "ce.CUDA_HOME = ce._find_cuda_home()\n"
+)
+
+
+def _fake_cuda_home(tmp_path, runtime: str | None) -> tuple[Path, dict]:
+    """A directory with a bin/nvcc that is not a toolkit (a wrapper's home), and ``runtime``
+    (a path inside it) as an empty file, if given; and the environment that makes torch guess it."""
+    home = tmp_path / "fakecuda"
+    (home / "bin").mkdir(parents=True)
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'fake nvcc: not a compiler' >&2\nexit 1\n")
+    nvcc.chmod(0o755)
+    if runtime:
+        (home / runtime).parent.mkdir(parents=True, exist_ok=True)
+        (home / runtime).write_text("")
+    site = tmp_path / "cuda-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(LOOKS_LIKE_CUDA_TORCH)
+    env = {k: v for k, v in _env().items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = os.pathsep.join([str(home / "bin"), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return home, env
+
+
+def _no_runtime_message(home: Path) -> str:
+    default = "/usr/local/cuda"
+    hint = ""
+    if any(glob.glob(f"{default}/{d}/libcudart.so*") for d in ("lib64", "lib", "targets/*/lib")):
+        hint = f"; {default} holds one: CUDA_HOME={default}"
+    return (f"ldreg-kernels: CUDA_HOME={home} holds no CUDA runtime library (libcudart in lib64/, lib/ or "
+            f"targets/*/lib/), so the CUDA kernels could not be linked; set CUDA_HOME to your CUDA toolkit "
+            f"(found nvcc at {home / 'bin' / 'nvcc'}{hint}), or set LDREG_NO_CUDA=1 to build the CPU kernels only.")
+
+
+def test_cuda_home_without_the_runtime_stops_pip_install_before_compiling(tree, tmp_path):
+    """The README's plain install against a CUDA torch, with the nvcc on PATH a wrapper outside
+    the toolkit: it used to fail at link time ("cannot find -lcudart") minutes in."""
+    if shutil.which(os.environ.get("CXX") or "c++") is None:
+        pytest.skip("no C++ compiler here")
+    home, env = _fake_cuda_home(tmp_path, runtime=None)
+    src = tmp_path / "src"
+    shutil.copytree(tree, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
+                        "--target", str(tmp_path / "site"), str(src)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert _no_runtime_message(home) in out, out[-3000:]
+    assert "ldreg-kernels: building ldreg_kernels._C" not in out  # stopped before build_ext began
+    assert not (tmp_path / "site" / "ldreg_kernels").exists()
+    # setup.py directly: the same message, alone, and nothing built.
+    r = _setup(src, "build_ext", "-b", str(tmp_path / "lib"), "-t", str(tmp_path / "tmp"), env=env)
+    assert r.returncode == 1 and _ours(r.stderr) == _no_runtime_message(home)
+    assert not (tmp_path / "lib").exists() and not (tmp_path / "tmp").exists()
+
+
+@pytest.mark.parametrize("runtime", ["lib64/libcudart.so", "lib/libcudart.so.13", "targets/x86_64-linux/lib/libcudart.so"])
+def test_cuda_home_with_the_runtime_plans_the_cuda_kernels(tree, tmp_path, runtime):
+    if shutil.which(os.environ.get("CXX") or "c++") is None:
+        pytest.skip("no C++ compiler here")
+    _, env = _fake_cuda_home(tmp_path, runtime=runtime)
+    info, _ = _build_record(tree, tmp_path, env)
+    assert info == {"extension": True, "reason": "", "torch": torch.__version__, "cuda_kernels": True,
+                    "cuda_reason": ""}
 
 
 def test_compile_error_fails_the_build_with_the_compilers_message(tree, tmp_path):
