@@ -1,8 +1,11 @@
 """Which kNN backends loaded here (and why not), and which one ``backend=`` picks.
 
 The "reference" and "torch" backends always load. The optional ones ("cpu"/"cuda" from the
-C++ extension, "triton") are imported here; only ImportError is caught, and its message is
-kept as the reason an explicit request gets. Any other error in their code propagates.
+C++ extension, "triton") are imported here; ImportError is caught, and its message is kept
+in ``LOAD_ERRORS`` as the reason an explicit request gets. So is the ValueError of a bad
+optional setting read at import (``LDREG_TRITON_PRECISION``): ``import ldreg_kernels`` never
+fails because of one, and the other backends stay usable. Any other error in their code
+propagates.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ else:
 
 try:
     from .backends import triton as _triton
-except ImportError as e:
+except (ImportError, ValueError) as e:  # ValueError: a bad LDREG_TRITON_PRECISION
     _why = f"{type(e).__name__}: {e}"
     LOAD_ERRORS["triton"] = _why
     _devs = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
@@ -100,7 +103,11 @@ def resolve_backend(name: str, device: torch.device) -> Callable[..., tuple[Tens
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
     b = BACKENDS[name]
     if device.type not in b.devices:
-        raise RuntimeError(f"backend {name!r} runs on {list(b.devices)}, not on {device.type} tensors")
+        hint = ""
+        if name == "triton" and device.type == "cpu":
+            hint = " (Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before " \
+                   "importing ldreg_kernels; slow, for tests)"
+        raise RuntimeError(f"backend {name!r} runs on {list(b.devices)}, not on {device.type} tensors{hint}")
     op, why = _try_load(b)
     if op is None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")

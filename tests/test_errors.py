@@ -1,6 +1,10 @@
 """Bad input gets a clear error naming the argument; degenerate input gets finite values."""
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -297,3 +301,50 @@ def test_auto_on_cuda_picks_torch_until_the_gpu_suite_has_passed():
     from ldreg_kernels import registry
 
     assert registry.resolve_backend("auto", torch.device("cuda")) is torch.ops.ldreg.knn_torch
+
+
+# ------------------------------------------------------------------ import-time settings
+def _python(script: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter with ``env`` over this one's (``""`` unsets)."""
+    full = {k: v for k, v in os.environ.items() if k not in env}
+    full.update({k: v for k, v in env.items() if v})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=300, env=full)
+
+
+def test_a_bad_triton_precision_setting_disables_triton_not_the_import():
+    """LDREG_TRITON_PRECISION=bogus made ``import ldreg_kernels`` itself raise, so even the cpu
+    backend was unusable (issue #24). Now triton alone is unavailable, saying why."""
+    r = _python("""
+        import torch, ldreg_kernels as L
+        from ldreg_kernels import registry
+        print(repr(registry.LOAD_ERRORS.get("triton")))
+        x = torch.randn(10, 3)
+        print(L.lid(x, k=3).shape, L.lid(x, k=3, backend="torch").shape)
+        print("triton" in L.available_backends("cpu"))
+        try:
+            L.lid(x, k=3, backend="triton")
+        except RuntimeError as e:
+            print(e)
+    """, LDREG_TRITON_PRECISION="bogus", TRITON_INTERPRET="1")
+    assert r.returncode == 0, r.stderr
+    if "ImportError" in r.stdout.splitlines()[0]:
+        pytest.skip(f"triton does not import here: {r.stdout.splitlines()[0]}")
+    why = "ValueError: LDREG_TRITON_PRECISION must be one of ('ieee', 'tf32', 'tf32x3', 'bf16'), got 'bogus'"
+    assert r.stdout.splitlines() == [
+        repr(why), "torch.Size([10]) torch.Size([10])", "False", f"backend 'triton' is not available: {why}",
+    ]
+
+
+def test_triton_on_cpu_without_the_interpreter_names_triton_interpret():
+    r = _python("""
+        import torch, ldreg_kernels as L
+        try:
+            L.lid(torch.randn(10, 3), k=2, backend="triton")
+        except RuntimeError as e:
+            print(e)
+    """, TRITON_INTERPRET="")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (
+        "backend 'triton' runs on ['cuda'], not on cpu tensors (Triton runs on CPU tensors only under the "
+        "interpreter: set TRITON_INTERPRET=1 before importing ldreg_kernels; slow, for tests)\n")
