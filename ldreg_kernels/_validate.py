@@ -22,6 +22,8 @@ def as_int(v: object, name: str) -> int:
     scalars included) except bool, else TypeError naming ``name``."""
     if isinstance(v, bool):
         raise TypeError(f"{name} must be an int, got bool")
+    if isinstance(v, int):  # the common case first: plain isinstance checks trace under torch.compile
+        return int(v)
     try:
         return operator.index(v)
     except TypeError:
@@ -31,15 +33,24 @@ def as_int(v: object, name: str) -> int:
 def as_real(v: object, name: str) -> float:
     """``v`` as a Python float: an int or float, a numpy scalar, or a one-element real
     tensor (read once, a device sync on GPU), except bool, else TypeError naming ``name``.
-    Finiteness is the caller's check."""
-    if isinstance(v, Tensor) and v.numel() == 1 and not (v.is_complex() or v.dtype == torch.bool):
+    Finiteness is the caller's check.
+
+    Written with ``isinstance`` and ``float()`` only: torch.compile cannot trace
+    ``hasattr`` on an arbitrary object (``Unsupported hasattr call``), and plain ints and
+    floats, the arguments a compiled call passes, take the first branch.
+    """
+    if isinstance(v, (bool, str, bytes, complex)):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, Tensor):
+        if v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
         if v.requires_grad:
             raise TypeError(f"{name} must not require grad (it is read as a number)")
         return float(v.item())
-    if isinstance(v, (bool, str, bytes)) or isinstance(v, complex) or not hasattr(v, "__float__"):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    try:
-        return float(v)
+    try:  # numpy scalars and anything else with __float__ (or __index__)
+        return float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}") from None
 
@@ -144,7 +155,9 @@ def check_lid_args(k: int, estimator: object, eps: float) -> None:
 
 def check_reg_args(beta: float, reg: object) -> None:
     """A finite beta (a number already, :func:`as_real`) and a regulariser name."""
-    if not math.isfinite(beta):
+    # A comparison, not math.isfinite: under torch.compile(dynamic=True) a module's float
+    # attribute can arrive as a SymFloat, which math.isfinite cannot trace. NaN fails it too.
+    if not abs(beta) < math.inf:
         raise ValueError(f"beta must be finite, got {beta!r}")
     if reg not in REGS:
         raise ValueError(f"reg must be one of {REGS}, got {reg!r}")
