@@ -73,16 +73,17 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) build dist *.egg-info ldreg_kernels/_C*.so
 
-# One command for a lent GPU (tools/gpu_check.py): build with CUDA, the suite on CUDA,
-# compute-sanitizer, the GPU sweep's first part; logs and summary.md under GPU_CHECK_OUT.
-# The device machine has no venv and no package index: it runs with its own python3.
-# `make gpu-check-dry` runs every step's CPU form here (CI).
+# One device call on a lent GPU (tools/gpu_check.py): preflight, build for this card, the CUDA
+# tests CI cannot run, memcheck, shapes A-D; every step under its limit, 540 s in all; at most
+# 4 files in GPU_CHECK_OUT (summary.md, gpu-check.log, junit.xml, bench.tar.gz). The device
+# machine has no venv, no pip and no install: its own python3, the tree on PYTHONPATH.
+# `make gpu-check-dry` runs every step's CPU form here (tests/test_gpu_check.py runs it too).
 GPU_CHECK_OUT ?= $(or $(OUT),runs/gpu-check)
 gpu-check:
 	python3 tools/gpu_check.py --out $(GPU_CHECK_OUT)
 
 gpu-check-dry: $(STAMP)
-	$(BIN)/python tools/gpu_check.py --out runs/gpu-check-dry --dry-run --steps backends,tests,sanitizer
+	$(BIN)/python tools/gpu_check.py --out runs/gpu-check-dry --dry-run
 
 .PHONY: gpu-check gpu-check-dry
 

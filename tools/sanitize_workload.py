@@ -2,6 +2,11 @@
 
     compute-sanitizer --tool=memcheck --error-exitcode=1 python3 tools/sanitize_workload.py
     python tools/sanitize_workload.py --device cpu      # the same calls on CPU (dry run)
+    ... sanitize_workload.py --quick [--cases 1]        # what tools/gpu_check.py runs: a few
+                                                        # cases of the compiled kernels only
+
+Run it from the repo root with the tree on PYTHONPATH where the package is not installed
+(tools/gpu_check.py sets it for every subprocess).
 
 Shapes are small (the sanitizer slows kernels 10-100x) but cross the kernels' tile edges
 (B, N not multiples of the block sizes), use every dtype, both self-exclusion modes, a
@@ -19,6 +24,7 @@ import torch
 
 import ldreg_kernels as L
 
+QUICK_CASES = (0, 1, 4)  # fp32 self / separate ref (tile edges, k=17), bf16
 CASES = [  # (B, N, D, k, dtype)
     (37, 37, 5, 4, torch.float32),
     (70, 133, 33, 17, torch.float32),
@@ -32,13 +38,22 @@ CASES = [  # (B, N, D, k, dtype)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--backends", default=None, help="comma-separated (default: every compiled one on the device)")
+    p.add_argument("--backends", default=None, help="comma-separated (default: every one on the device but "
+                   "the reference; with --quick, only the compiled kernels: cpu, cuda, triton)")
+    p.add_argument("--quick", action="store_true", help=f"cases {QUICK_CASES} only (under a sanitizer's 10-100x)")
+    p.add_argument("--cases", default=None, help=f"comma-separated indices into the {len(CASES)} cases")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
-    names = a.backends.split(",") if a.backends else [b for b in L.available_backends(dev) if b != "reference"]
+    names = [b for b in L.available_backends(dev) if b != "reference" and (not a.quick or b != "torch")]
+    if a.backends:
+        names = a.backends.split(",")
+    picked = [int(i) for i in a.cases.split(",")] if a.cases else (QUICK_CASES if a.quick else range(len(CASES)))
+    if not names:
+        print(f"no backend to run on {dev}: {L.available_backends(dev)}")
+        return 1
     g = torch.Generator().manual_seed(0)
     failures = 0
-    for b, n, d, k, dtype in CASES:
+    for b, n, d, k, dtype in (CASES[i] for i in picked):
         x = torch.randn(b, d, generator=g).to(dev, dtype)
         ref = torch.randn(n, d, generator=g).to(dev, dtype)
         for own in (True, False):
