@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -139,9 +140,29 @@ def check_k(k: int, n_ref: int, n_query: int, exclude_self: bool, self_offset: i
         raise ValueError(f"k={k} exceeds the N = {n_ref} reference rows")
 
 
-def check_lid_args(k: int, estimator: object, eps: float) -> None:
+# The smallest eps the estimators keep finite, per compute dtype: the square root of the
+# dtype's smallest normal number (2**-63 ~ 1.08e-19 in float32, 2**-511 ~ 1.49e-154 in
+# float64). Then the floored values (eps itself, 1 / eps, k / eps) are normal numbers and
+# the largest intermediate of the gradient, 1 / eps**2 (the derivative of 1 / s at the
+# floor), is at most 1 / tiny: forward and gradient stay finite for every neighbourhood of
+# rows at a representable scale. Below it, float32 gave Inf, -Inf, NaN or LID 0 (issue #24).
+EPS_MIN = {torch.float32: 2.0**-63, torch.float64: 2.0**-511}
+# (exact, round value just above it) for the error message
+_EPS_MIN_TEXT = {torch.float32: ("2**-63 (about 1.084e-19)", "1.1e-19"),
+                 torch.float64: ("2**-511 (about 1.492e-154)", "1.5e-154")}
+
+
+def floating_dtype(x: object) -> Optional[torch.dtype]:
+    """``x``'s dtype if it is a floating-point tensor, else None (:func:`check_features`
+    refuses it); what :func:`check_lid_args` takes as ``dtype``."""
+    return x.dtype if isinstance(x, Tensor) and x.is_floating_point() else None
+
+
+def check_lid_args(k: int, estimator: object, eps: float, dtype: Optional[torch.dtype] = None) -> None:
     """An estimator name, k >= 2 (one neighbour gives no LID), and 0 < eps < 1 (``eps`` is
-    a fraction of each row's k-th distance; see ``ldreg_kernels.estimators``).
+    a fraction of each row's k-th distance; see ``ldreg_kernels.estimators``); with the
+    features' ``dtype`` known, also eps >= the ``EPS_MIN`` of the dtype LID is computed in
+    (float64 for float64, else float32: half and bfloat16 are computed in float32).
     ``k`` and ``eps`` are numbers already (:func:`as_int`, :func:`as_real`)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -150,6 +171,22 @@ def check_lid_args(k: int, estimator: object, eps: float) -> None:
     if not 0 < eps < 1:
         raise ValueError(
             f"eps must be in (0, 1), a fraction of each row's k-th neighbour distance, got {eps!r}"
+        )
+    if dtype is not None:
+        check_eps_for(eps, dtype)
+
+
+def check_eps_for(eps: float, dtype: torch.dtype) -> None:
+    """eps >= ``EPS_MIN`` of the dtype LID is computed in for features of ``dtype``
+    (float64 for float64, else float32), else ValueError."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    if eps < EPS_MIN[ct]:
+        name = str(ct).replace("torch.", "")
+        via = "" if dtype in (torch.float32, torch.float64) else f" ({str(dtype).replace('torch.', '')} is computed in float32)"
+        alt = "" if ct == torch.float64 else f", or float64 features (eps >= {_EPS_MIN_TEXT[torch.float64][1]})"
+        raise ValueError(
+            f"eps={eps!r} is below {_EPS_MIN_TEXT[ct][0]}, the smallest eps whose LID and gradient stay finite in "
+            f"{name}{via}: pass eps >= {_EPS_MIN_TEXT[ct][1]}{alt}"
         )
 
 

@@ -145,7 +145,10 @@ def lid(
             Levina-Bickel's has k - 1 in the numerator).
         eps: relative floor, in (0, 1), that keeps degenerate neighbourhoods finite
             (equidistant or zero distances): a fraction of each row's k-th distance, so
-            LID stays scale-free; see ``ldreg_kernels.estimators``.
+            LID stays scale-free; see ``ldreg_kernels.estimators``. At least 2**-63
+            (~1.08e-19) for float32, float16 and bfloat16 features, 2**-511 (~1.49e-154)
+            for float64: a smaller one raises ValueError (LID or its gradient would leave
+            the dtype's range).
 
     Returns:
         (B,) LID, float32 (float64 for float64 input), differentiable like :func:`knn`.
@@ -154,9 +157,9 @@ def lid(
     exclude_self = V.resolve_exclude_self(exclude_self, ref, self_offset)
     if isinstance(ref, str):
         ref, self_offset = _global_ref(
-            x, ref, k, self_offset, backend, lambda: V.check_lid_args(k, estimator, eps)
+            x, ref, k, self_offset, backend, lambda: V.check_lid_args(k, estimator, eps, V.floating_dtype(x))
         )
-    V.check_lid_args(k, estimator, eps)
+    V.check_lid_args(k, estimator, eps, V.floating_dtype(x))
     dist, _ = knn(x, ref, k, exclude_self=exclude_self, self_offset=self_offset, backend=backend)
     return lid_from_distances(dist, estimator, eps)
 
@@ -200,7 +203,7 @@ def ldreg_loss(
     if isinstance(ref, str):
         ref, self_offset = _global_ref(
             x, ref, k, self_offset, backend,
-            lambda: V.check_lid_args(k, estimator, eps), lambda: V.check_reg_args(beta, reg),
+            lambda: V.check_lid_args(k, estimator, eps, V.floating_dtype(x)), lambda: V.check_reg_args(beta, reg),
         )
     V.check_reg_args(beta, reg)
     lids = lid(
@@ -288,7 +291,7 @@ def lid_stats(
     ks, estimators = _check_stats_args(ks, estimators)
     eps = V.as_real(eps, "eps")
     call = _prepare(x, ref, ks[-1], exclude_self, self_offset, backend,
-                    lambda: V.check_lid_args(ks[0], estimators[0], eps))
+                    lambda: V.check_lid_args(ks[0], estimators[0], eps, V.floating_dtype(x)))
     dist, _ = call.op(x, call.ref, call.k, call.self_offset, call.exclude_self)
     return _stats(dist, ks, estimators, eps)
 
@@ -347,7 +350,7 @@ def ldreg_loss_with_stats(
         n_ref = x.shape[0] if ref is None else ref.shape[0]
     big = max([k] + [m for m in ks if m <= n_ref - int(excl)])
     call = _prepare(x, ref, big, exclude_self, self_offset, backend,
-                    lambda: V.check_lid_args(k, estimator, eps), lambda: V.check_reg_args(beta, reg))
+                    lambda: V.check_lid_args(k, estimator, eps, V.floating_dtype(x)), lambda: V.check_reg_args(beta, reg))
     args = (x, call.ref, call.k, call.self_offset, call.exclude_self)
     if big == k or not torch.is_grad_enabled():
         dist, _ = call.op(*args)

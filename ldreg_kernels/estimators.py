@@ -14,12 +14,22 @@ gradient).
   give ``eps``; all neighbours at distance 0 (``w == 0``) give 1.
 - MLE: ``LID = k / max(-sum_j ln(max(r_j / w, eps)), eps)``. Equidistant neighbours give
   ``k / eps``; a duplicate at distance 0 counts as ``eps w``; ``w == 0`` gives ``k / eps``.
+
+The range of eps: ``EPS_MIN[dtype] <= eps < 1`` (``ldreg_kernels._validate``), the floor
+being the square root of the compute dtype's smallest normal number: 2**-63 (~1.08e-19) in
+float32, which half and bfloat16 input is computed in, and 2**-511 (~1.49e-154) in float64.
+From it up, eps, 1 / eps and k / eps are normal numbers, LID >= eps > 0 (MoM) and
+>= 1 / -ln(eps) (MLE), and the gradient's largest intermediate, 1 / eps**2 (the derivative
+of 1 / s at the floor), is at most 1 / tiny: LID, loss and gradient are finite for every
+neighbourhood. A smaller eps raises ValueError (float32 gave Inf, -Inf, NaN or LID 0).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ._validate import check_eps_for
 
 
 def lid_from_distances(dist: Tensor, estimator: str = "mom", eps: float = 1e-12) -> Tensor:
@@ -28,14 +38,15 @@ def lid_from_distances(dist: Tensor, estimator: str = "mom", eps: float = 1e-12)
     Args:
         dist: (B, k) sorted ascending, k >= 2.
         estimator: "mom" (method of moments, the paper's Algorithm 1) or "mle".
-        eps: relative floor, a fraction of each row's k-th distance; see the module
-            docstring.
+        eps: relative floor, a fraction of each row's k-th distance, in
+            [EPS_MIN[dtype], 1); see the module docstring.
 
     Returns:
         (B,) LID, finite and positive for finite input; float32 for half/bfloat16 input.
     """
     if dist.dtype in (torch.float16, torch.bfloat16):
         dist = dist.float()
+    check_eps_for(eps, dist.dtype)  # the public functions check it before the search already
     w = dist[:, -1]
     # Everything is taken relative to w first: a floor eps * w would underflow (fp32 at
     # w < 1e-26), but r / w is scale-free bit for bit. w == 0 only when every distance is

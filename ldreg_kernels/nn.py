@@ -23,7 +23,9 @@ class LDReg(nn.Module):
         beta: strength (paper: 0.01 SimCLR, 0.005 BYOL).
         reg: "l1" or "l2".
         estimator: "mom" (paper) or "mle".
-        eps: relative floor in (0, 1) that keeps degenerate neighbourhoods finite.
+        eps: relative floor in (0, 1) that keeps degenerate neighbourhoods finite; at
+            least 2**-63 (~1.08e-19) for float32/half features, 2**-511 for float64,
+            checked at each call, where the dtype is known (see :func:`ldreg_kernels.lid`).
         backend: "auto" or a name from ``ldreg_kernels.available_backends()``.
         monitor_ks: LID monitoring, as the official code logs every step (MLE at k=32 and
             512): each forward also computes the LIDs at these k from the same kNN search
