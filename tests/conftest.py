@@ -14,10 +14,22 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ldreg-
 
 if not torch.cuda.is_available():  # run the Triton kernels on CPU tensors (interpreter); before the import below
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# cuBLAS refuses deterministic mode (test_deterministic.py on CUDA) without a fixed workspace;
+# read when its first handle is made, so any time before the first CUDA matmul.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import ldreg_kernels as L  # noqa: E402
 from ldreg_kernels import registry  # noqa: E402
 from utils import SESSION_SEED  # noqa: E402
+
+# An uninstalled tree (the GPU machine builds with `setup.py build_ext --inplace` and installs
+# nothing): the subprocesses tests start (torchrun workers, CLIs, probes) must import the same
+# ldreg_kernels as this process, so its parent goes on their PYTHONPATH.
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(L.__file__)))
+if _PKG_PARENT == os.path.dirname(os.path.dirname(os.path.abspath(__file__))):  # imported from this checkout
+    _pp = os.environ.get("PYTHONPATH", "")
+    if _PKG_PARENT not in _pp.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([_PKG_PARENT] + ([_pp] if _pp else []))
 
 # With LDREG_REQUIRE_EXT=1 (CI) a backend that should load here and does not is a failure,
 # not a skip: a broken extension or Triton import must not leave CI green with fewer tests.

