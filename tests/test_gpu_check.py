@@ -208,3 +208,55 @@ def test_refuses_to_run_for_real_without_a_gpu(tmp_path):
         pytest.skip("a GPU is here")
     r = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no CUDA device here; use --dry-run" in r.stderr
+
+
+def test_device_preflight_stops_without_a_gpu_in_one_line(tmp_path):
+    """The device form of preflight, here: no CUDA torch, no GPU, so it stops the run."""
+    c = _check(tmp_path, {s: gc.Row(s, gc.PLAN.get(s)) for s in gc.STEPS})
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    ok, _ = gc.preflight(c)
+    summary = open(os.path.join(c.out, "summary.md")).read()
+    assert not ok
+    why = "a visible GPU (torch.cuda.is_available() is False)"
+    if torch.version.cuda is None:
+        why = f"a CUDA build of torch (torch {torch.__version__} is a CPU build); " + why
+    assert f"**Stopped: missing prerequisite: {why}**" in summary.splitlines()
+    assert _table(summary)["preflight"]["status"] == "FAIL"
+
+
+def test_device_steps_run_the_gpu_commands(tmp_path, monkeypatch):
+    """What the steps would run on the device (recorded, not run): this card's arch only, the
+    CUDA test selections with -v, the sanitizer with the caching allocator off, shapes A-D."""
+    import torch
+
+    c = _check(tmp_path, {s: gc.Row(s, gc.PLAN.get(s)) for s in gc.STEPS})
+    ran: list[tuple[str, list[str], dict]] = []
+    monkeypatch.setattr(gc.Check, "step", lambda self, step, cmd, env=None, ok_note=None: ran.append((step, cmd, env or {})) or True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    real_which = gc.shutil.which
+    monkeypatch.setattr(gc.shutil, "which", lambda n: "/opt/cs/compute-sanitizer" if n == "compute-sanitizer" else real_which(n))
+    steps = [s for s in gc.STEPS if s != "preflight"]
+    a = gc.parse_args(["--out", c.out, "--steps", ",".join(steps), "--pytest-args", "-k 'knn or lid'"])
+    gc._run_steps(c, a)
+    by = {step: (cmd, env) for step, cmd, env in ran}
+    assert list(by) == steps
+    cmd, env = by["build"]
+    assert cmd[1:] == ["setup.py", "build_ext", "--inplace"]
+    assert (env["TORCH_CUDA_ARCH_LIST"], env["LDREG_FORCE_CUDA"], env["LDREG_REQUIRE_EXT"]) == ("9.0", "1", "1")
+    for step in ("tests", "triton", "fuzz"):
+        cmd, env = by[step]
+        assert cmd[1:3] == ["-m", "pytest"] and "-v" in cmd and "--collect-only" not in cmd
+        assert cmd[-2:] == ["-k", "knn or lid"]  # --pytest-args, shlex-split, last
+        assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert "cuda- or amp_fp16_on_cuda" in by["tests"][0]
+    for step in ("memcheck", "racecheck"):
+        cmd, env = by[step]
+        assert cmd[0] == "/opt/cs/compute-sanitizer" and cmd[1] == f"--tool={step}" and "--quick" in cmd
+        assert env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    cmd, _ = by["bench"]
+    assert [cmd[i + 1] for i, w in enumerate(cmd) if w == "--shape"] == gc.BENCH_SHAPES
+    assert cmd[cmd.index("--methods") + 1] == ",".join(gc.BENCH_METHODS)
+    assert c.env["PYTHONPATH"].split(os.pathsep)[0] == ROOT
