@@ -53,12 +53,13 @@ ctest: $(STAMP)
 dist-check:
 	PY=$(PY) .ci/dist_check.sh
 
-# What every GPU user does, without a GPU (.ci/cuda_build_check.sh): in build/cuda-venv (not
+# What every GPU user does, without a GPU (.ci/cuda_build_check.sh): in a venv of its own (not
 # .venv, which keeps the CPU torch) torch 2.14.1, the CUDA 13.0 build from local disk; the
 # package installed with `pip install --no-build-isolation` and CUDA kernels (CUDA_HOME, default
 # /usr/local/cuda); ldreg::knn_native / knn_backward_native checked for CUDA kernels; then the
-# packaging, native, knn and autograd tests against that install. The venv and the build tree
-# (build/cuda-src) are kept: a second run rebuilds only what changed.
+# packaging, native, knn and autograd tests against that install. The venv (5.5 GB) and the
+# build tree are cached in ~/.cache/ldreg_kernels/cuda-build-check (CUDA_CHECK_CACHE), so a
+# fresh clone on the same machine recompiles only sources whose content changed.
 CUDA_TORCH ?= torch==2.14.1
 .PHONY: cuda-build-check
 cuda-build-check:
