@@ -78,8 +78,8 @@ echo "$changed of $(wc -l <"$CACHE/files.old") files changed since the last run"
 
 step "pip install --no-build-isolation (CUDA_HOME=$CUDA_HOME, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0 by default})"
 t0=$SECONDS
-"$CV/bin/python" -m pip install --no-build-isolation --no-deps --no-index "$SRC" >"$SRC/build-install.log" 2>&1 \
-    || { tail -60 "$SRC/build-install.log"; fail "pip install"; }
+"$CV/bin/python" -m pip install --no-build-isolation --no-deps --no-index "$SRC" >"$CACHE/build-install.log" 2>&1 \
+    || { tail -60 "$CACHE/build-install.log"; fail "pip install"; }
 echo "installed in $((SECONDS - t0)) s"
 
 step "ldreg::knn_native and ldreg::knn_backward_native have CUDA kernels"
