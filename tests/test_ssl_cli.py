@@ -7,6 +7,7 @@ or 2 (bad arguments); ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -18,10 +19,12 @@ import pytest
 import torch
 
 from ldreg_kernels import available_backends
+from ldreg_kernels.ssl import plot as P
 from ldreg_kernels.ssl import train as T
 from ldreg_kernels.ssl.cli import main as cli
 from ldreg_kernels.ssl.data import digits
 from ldreg_kernels.ssl.models import ResNetEncoder
+from utils import generator
 
 TINY = ["--dataset", "digits", "--widths", "8", "--blocks", "1", "--batch-size", "128", "--k", "8",
         "--no-progress", "--device", "cpu"]
@@ -318,13 +321,113 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 
 def test_interrupt_is_one_line(tmp_path, capsys, monkeypatch):
+    """Before the first checkpoint it says so, and the folder the run created is gone
+    (issue #24: it said "the last checkpoint is kept (continue with --resume)", and
+    --resume then failed); after one, the checkpoint is kept."""
     def interrupted(self):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(T.Trainer, "fit", interrupted)
-    assert cli(["simclr", *TINY, "--out", str(tmp_path / "run")]) == 130
+    out = tmp_path / "run"
+    assert cli(["simclr", *TINY, "--out", str(out)]) == 130
+    assert err_line(capsys) == "ldreg-train: error: interrupted before the first checkpoint: nothing saved yet"
+    assert not out.exists()
+
+    def interrupted_after_a_checkpoint(self):
+        with open(os.path.join(self.out, T.CHECKPOINT), "wb"):
+            pass
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.Trainer, "fit", interrupted_after_a_checkpoint)
+    assert cli(["simclr", *TINY, "--out", str(out)]) == 130
     assert err_line(capsys) == ("ldreg-train: error: interrupted; the last checkpoint is kept "
                                 "(continue with --resume)")
+    assert os.listdir(out) == [T.CHECKPOINT]
+
+
+def _fake_run(path, dataset: str, gm_lid: float, lids) -> None:
+    path.mkdir(parents=True)
+    (path / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "gm_lid": gm_lid + e, "erank": 2.0 + e}) + "\n"
+                                            for e in (1, 2)))
+    cfg = {"method": "simclr", "dataset": dataset, "ldreg": True, "beta": 0.01, "seed": 0}
+    (path / "summary.json").write_text(json.dumps({"config": cfg}))
+    torch.save(lids, path / "lids.pt")
+
+
+def test_plot_keeps_every_run_and_tells_equal_configs_apart(tmp_path, capsys, monkeypatch):
+    """Two runs with the same method, beta and seed (another data set) were drawn as one
+    series: the first was dropped without a word (issue #24). Each run is drawn, labelled
+    with its folder where the configs coincide."""
+    g = generator("plot-runs")
+    a, b, c = tmp_path / "mnist" / "run", tmp_path / "digits", tmp_path / "cifar" / "run"
+    _fake_run(a, "mnist5k", 3.0, torch.rand(50, generator=g) * 10 + 1)
+    _fake_run(b, "digits", 5.0, torch.rand(40, generator=g) * 10 + 1)
+    drawn = {}
+    plot_groups = P.plot_groups
+
+    def spy(groups, out_png, title=""):
+        drawn.update(groups)
+        return plot_groups(groups, out_png, title)
+
+    monkeypatch.setattr(P, "plot_groups", spy)
+    png = tmp_path / "cmp.png"
+    assert cli(["plot", str(a), str(b), "--out", str(png)]) == 0
+    assert capsys.readouterr().out == f"{png}\n" and png.stat().st_size > 0
+    assert list(drawn) == ["simclr LDReg b=0.01 s0 (run)", "simclr LDReg b=0.01 s0 (digits)"]
+    assert [r["dir"] for (r,) in drawn.values()] == [str(a), str(b)]
+    assert [r["config"]["dataset"] for (r,) in drawn.values()] == ["mnist5k", "digits"]
+    # Folder names equal too: the path tells them apart; a label of its own stays as it is.
+    _fake_run(c, "cifar10", 7.0, torch.rand(30, generator=g) * 10 + 1)
+    runs = [P.load_run(str(d)) for d in (a, c, b)]
+    runs[2]["config"] = {**runs[2]["config"], "seed": 1}
+    assert P.run_labels(runs) == [f"simclr LDReg b=0.01 s0 ({a})", f"simclr LDReg b=0.01 s0 ({c})",
+                                  "simclr LDReg b=0.01 s1"]
+    assert P.run_labels([runs[0], runs[0]]) == [f"simclr LDReg b=0.01 s0 ({a})", f"simclr LDReg b=0.01 s0 ({a}) #2"]
+
+
+def test_plot_and_train_do_not_import_each_other():
+    """Issue #25: plot.py imported train.py's safe_load and train.py plot.py's plot_runs. The
+    run files live in runs.py, below both; no module of the package imports one that
+    imports it back (function-level imports included)."""
+    import ast
+    import pathlib
+
+    import ldreg_kernels
+
+    root = pathlib.Path(ldreg_kernels.__file__).parent
+    graph = {}
+    for f in root.rglob("*.py"):
+        mod = ".".join(("ldreg_kernels", *f.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        pkg = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+                target = f"{base}.{node.module}" if node.module else base
+                deps.add(target)
+                deps.update(f"{target}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ldreg_kernels"):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("ldreg_kernels"))
+        graph[mod] = deps
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    ssl = sorted(m for m in graph if m.startswith("ldreg_kernels.ssl."))
+    assert "ldreg_kernels.ssl.runs" in ssl
+    assert graph["ldreg_kernels.ssl.runs"] == set()
+    for m in ssl:
+        for d in graph[m]:
+            assert m not in _reachable(graph, d), f"import cycle: {m} -> {d} -> ... -> {m}"
+
+
+def _reachable(graph: dict, start: str) -> set:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph.get(m, ()))
+    return seen
 
 
 def test_plot_refuses_crafted_lids_and_non_runs(tmp_path, capsys):

@@ -9,8 +9,15 @@
 Exit status: 0 done; 1 bad input (--out, data files, checkpoint, missing package);
 2 bad arguments (out of range, or impossible here: device, backend, amp, batch size
 against the data set); 3 training diverged (non-finite loss; the last good checkpoint is
-kept); 130 interrupted. Every expected failure is one line, "ldreg-train: error: ...",
-and is found before the first training step; --debug shows the traceback instead.
+kept); 130 interrupted (Ctrl-C, SIGINT). Every expected failure is one line,
+"ldreg-train: error: ...", and is found before the first training step; --debug shows the
+traceback instead.
+
+An interrupt stops the run at once: a checkpoint write it lands in is abandoned (the previous
+checkpoint stays whole), and the message says whether a checkpoint is kept (continue with
+--resume) or nothing was saved yet (a folder the run created is removed again). Further
+interrupts while it winds down are ignored, so the exit status is 130 however often Ctrl-C
+is pressed; SIGTERM or SIGKILL stop it at once.
 
 --out must be a new or empty folder, or one holding an ldreg-train checkpoint.pt (then
 --resume continues it, and without --resume the run is refused). A folder with other files
@@ -24,8 +31,10 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from typing import NoReturn, Optional, Sequence
 
 import torch
@@ -190,21 +199,24 @@ def run(a: argparse.Namespace) -> dict:
     rank0 = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes (and plots)
     check_packages(cfg.dataset, plot=rank0)
     created = False
-    if rank0:
-        check_compare(a.compare)
-        created = check_out(a.out, a.resume)
     try:
+        if rank0:
+            check_compare(a.compare)
+            created = not os.path.exists(a.out)  # set before check_out creates it: an interrupt can land inside
+            check_out(a.out, a.resume)
         if a.threads:
             torch.set_num_threads(a.threads)
         cfg.device = dist.init_from_env(cfg.device)
         progress = not a.no_progress
         # The data set is loaded, and its size checked against the batch, here: still before any step.
         trainer = Trainer.resume(a.out, cfg, progress=progress) if a.resume else Trainer(cfg, a.out, progress=progress)
+        summary = trainer.fit()
     except BaseException:
-        if created and not os.listdir(a.out):  # a run that never started leaves no empty folder behind
+        # A run that stopped before its first checkpoint (a bad setting, an interrupt, a
+        # divergence in epoch 1) leaves no empty folder behind.
+        if created and os.path.isdir(a.out) and not os.listdir(a.out):
             os.rmdir(a.out)
         raise
-    summary = trainer.fit()
     if dist.rank() == 0:
         if a.compare:
             from .plot import plot_runs
@@ -218,9 +230,57 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _interrupted_message(a: Optional[argparse.Namespace]) -> str:
+    out = getattr(a, "out", None)
+    if getattr(a, "command", "plot") == "plot" or out is None:
+        return "interrupted"
+    if os.path.isfile(os.path.join(out, CHECKPOINT)):
+        return "interrupted; the last checkpoint is kept (continue with --resume)"
+    return "interrupted before the first checkpoint: nothing saved yet"
+
+
+class _Interrupts:
+    """SIGINT handling for one ``main`` call: the first interrupt raises KeyboardInterrupt,
+    and SIGINT is ignored from then on, so a second one cannot cut the clean-up (or the
+    interpreter's shutdown, which takes a second or two after torch) and turn exit status
+    130 into a death by SIGINT (-2). A command-line run (``argv`` None) keeps ignoring until
+    the process exits; a call from Python gets its previous handler back."""
+
+    def __init__(self, restore_after_interrupt: bool) -> None:
+        self.restore_after_interrupt = restore_after_interrupt
+        self.fired = False
+        self.previous = None
+
+    def _handler(self, signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.fired = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fired:
+            # CPython marks a KeyboardInterrupt raised inside exec()/eval() of a string (torch's
+            # lazy imports build dataclasses that way) as unhandled, even once it was caught,
+            # and then ends the process by SIGINT (-2) instead of with our status. Each string
+            # evaluation resets that mark first, so one that succeeds clears it.
+            eval("None")
+        if self.previous is not None and (not self.fired or self.restore_after_interrupt):
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``ldreg-train``; returns the exit status (see the module docstring)."""
+    with _Interrupts(restore_after_interrupt=argv is not None):
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     debug = False
+    a = None
     try:
         a = parser().parse_args(argv)
         debug = a.debug
@@ -252,7 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        msg, code = "interrupted; the last checkpoint is kept (continue with --resume)", EXIT_INTERRUPTED
+        msg, code = _interrupted_message(a), EXIT_INTERRUPTED
     print(f"ldreg-train: error: {msg}", file=sys.stderr)
     return code
 

@@ -2,60 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import torch
 
-from .train import safe_load
-
-
-def load_run(run_dir: str) -> dict:
-    """A run folder's config, per-epoch history and (if written) per-sample held-out LIDs.
-
-    ``lids.pt`` is read with ``weights_only=True`` (:func:`~.train.safe_load`): a crafted
-    file cannot run code.
-
-    Raises:
-        FileNotFoundError: ``run_dir`` holds no ``log.jsonl`` (not an ldreg-train run).
-        ValueError: a file of the run is corrupt (one line, naming it).
-    """
-    log_path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.isfile(log_path):
-        raise FileNotFoundError(f"{run_dir} is not an ldreg-train run: no log.jsonl")
-    cfg_path, lids_path = os.path.join(run_dir, "summary.json"), os.path.join(run_dir, "lids.pt")
-    path = log_path
-    try:
-        with open(log_path) as f:
-            history = [json.loads(line) for line in f if line.strip()]
-        cfg = {}
-        if os.path.exists(cfg_path):
-            path = cfg_path
-            with open(cfg_path) as f:
-                cfg = json.load(f)["config"]
-    except (OSError, KeyError, TypeError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
-        raise ValueError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    lids = None
-    if os.path.exists(lids_path):
-        lids = safe_load(lids_path)  # a one-line ValueError naming the file
-        if not isinstance(lids, torch.Tensor):
-            raise ValueError(f"{lids_path} holds a {type(lids).__name__}, not a tensor of LIDs")
-    return {"dir": run_dir, "config": cfg, "history": history, "lids": lids}
-
-
-def run_label(run: dict) -> str:
-    cfg = run["config"]
-    if not cfg:
-        return os.path.basename(os.path.normpath(run["dir"]))
-    reg = f"LDReg b={cfg['beta']:g}" if cfg["ldreg"] else "no LDReg"
-    return f"{cfg['method']} {reg} s{cfg['seed']}"
+from .runs import load_run, run_label, run_labels  # noqa: F401  (load_run, run_label: re-exported)
 
 
 def plot_runs(run_dirs: Sequence[str], out_png: str) -> str:
     """One PNG comparing runs: GM-LID and erank per epoch, histogram of final per-sample LID."""
     runs = [load_run(d) for d in run_dirs]
-    return plot_groups({run_label(r): [r] for r in runs}, out_png)
+    return plot_groups({label: [r] for label, r in zip(run_labels(runs), runs)}, out_png)
 
 
 def plot_groups(groups: dict[str, list[dict]], out_png: str, title: str = "") -> str:

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -43,9 +42,8 @@ from .data import ImageSet, get_dataset
 from .evaluate import Evaluation, evaluate
 from .methods import DEFAULT_BETA, METHODS, StepOutput
 from .models import ResNetEncoder
+from .runs import CHECKPOINT, LOG, atomic_save, safe_load  # noqa: F401  (re-exported)
 
-CHECKPOINT = "checkpoint.pt"
-LOG = "log.jsonl"
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -176,53 +174,7 @@ def _channel_stats(x: Tensor) -> tuple[list[float], list[float]]:
     return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist()
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename over ``path``.
-
-    A crash or kill at any point leaves either the old file or the new one, never a torn one.
-    """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _CHECKPOINT_FIELDS = {"config": dict, "epoch": int, "step": int, "history": list, "model": dict, "optimizer": dict}
-
-
-def safe_load(path: str) -> Any:
-    """``torch.load(path, weights_only=True)``, with every failure as one ``ValueError`` line.
-
-    ``weights_only=True`` rebuilds only tensors and plain containers, so a crafted file (a
-    pickle whose ``__reduce__`` calls a function) is refused before anything in it runs.
-    """
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: one line is enough
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any failure to parse untrusted bytes means the same thing to the user
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        if "Weights only load failed" in str(e):
-            # torch's first line suggests weights_only=False: the one thing not to do here.
-            lines = [ln for ln in lines[1:] if not ln.startswith(("Please file", "Check the documentation"))]
-        if lines and "GLOBAL" in lines[0]:  # the pickle names a function or class: refused, never called
-            raise ValueError(f"{path} holds objects other than tensors and plain containers "
-                             f"({lines[0].rstrip('.')}); they were not loaded or run. ldreg-train never writes "
-                             "such a file: it is corrupt or was crafted") from None
-        detail = lines[0] if lines else "unexpected end of file"
-        raise ValueError(f"{path} is not a readable torch file (truncated or corrupt: "
-                         f"{type(e).__name__}: {detail})") from None
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
