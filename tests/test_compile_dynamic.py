@@ -3,8 +3,8 @@
 Users compile their training step with dynamic shapes (a last partial batch of odd size).
 The argument checks must trace: ``hasattr`` on an argument (``_validate.as_real``) and
 ``math.isfinite`` on a module's float attribute (a SymFloat under dynamic=True) did not.
-Each function is compiled once and run at three batch sizes: one graph serves them all
-(no recompilation), and values and gradients equal eager mode's.
+Each function is compiled once and run at three batch sizes: the first call's graph serves
+them all (no recompilation), and values and gradients equal eager mode's.
 """
 
 from __future__ import annotations
@@ -56,12 +56,14 @@ def test_compile_fullgraph_dynamic_matches_eager_without_recompiling(name, backe
     fn, module = _entry(name, backend)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    compiles = []
     for b in BATCHES:
         # float64: inductor fuses the estimators' arithmetic in another order, and MoM's
         # m / (w - m) magnifies float32 rounding past any fixed tolerance on some rows.
         x = features(b, 7, generator("compile-dynamic", name, backend, b), torch.float64)
         xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
         lc, outs_c = compiled(xc)
+        compiles.append(counter.frame_count)
         stats_c = module.last_stats.to_dict() if module is not None and module.monitor_ks else None
         lc.backward()
         le, outs_e = fn(xe)
@@ -75,7 +77,10 @@ def test_compile_fullgraph_dynamic_matches_eager_without_recompiling(name, backe
             assert stats_c.keys() == module.last_stats.to_dict().keys()
             for key, v in module.last_stats.to_dict().items():
                 assert stats_c[key] == pytest.approx(v, rel=1e-9), key
-    assert counter.frame_count == 1, f"{name}: compiled {counter.frame_count} times for batches {BATCHES}"
+    # The first call may hand the backend a graph twice (dynamo restarts its analysis once to
+    # specialise a float default such as eps); no later batch size compiles again.
+    assert compiles[0] >= 1 and compiles == [compiles[0]] * len(BATCHES), \
+        f"{name}: backend compiles after each of the batches {BATCHES}: {compiles}"
 
 
 @pytest.mark.parametrize(
