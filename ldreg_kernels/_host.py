@@ -3,7 +3,7 @@
 Backends select candidates with a fast, inexact score (``|r|^2 - 2 x.r`` from a matmul,
 possibly on TF32/bf16 inputs), then re-rank them with exact direct differences. Whether that
 re-rank is provably the exact answer is decided here, once, by :func:`certificate_coef` and
-:func:`redo_rows`; rows it cannot certify are redone by :func:`exhaustive`, whose memory is
+:func:`uncertified`; rows it cannot certify are redone by :func:`exhaustive`, whose memory is
 bounded whatever the data (a collapsed batch sends every row there).
 
 The C++ kernels carry the same certificate and margin inline in ``csrc/knn.h``; the ops
@@ -18,15 +18,8 @@ import math
 import torch
 from torch import Tensor
 
-# Element budgets per chunk. Score tiles (chunk x N) feed a matmul and topk: 1M fp32 =
-# 4 MiB (as fast as 4M on the 2-core CPU at B=N=4096, and a quarter of the memory). Gathered neighbour rows (chunk x m x D) are memory-bound: 512K elements stay in
-# cache, measured 5x faster than 16M on the 2-core CPU at B=2048, D=256, 80 candidates.
-SCORE_ELEMS = 1 << 20
-GATHER_ELEMS = 1 << 17
-# The exhaustive redo holds (rows x (k + cols)) distances, keys and sort buffers, ~28 bytes
-# an element: 256K elements keep it near 7 MiB on the host; GPUs get 16x that for throughput.
-EXHAUSTIVE_ELEMS = {"cpu": 1 << 17}
-EXHAUSTIVE_ELEMS_DEFAULT = 1 << 22
+from . import _budget
+
 # Deduplicating the reference (torch.unique over its rows) costs about as much as the
 # direct distances of 40 query rows (N=262144, D=256, 2-core CPU: 1.1 s); below this many
 # redone rows it cannot pay for itself.
@@ -53,15 +46,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without the (no-op, but counted) ``to`` call when it is already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def default_margin(k: int) -> int:
     """Extra candidates kept past k: a wider candidate set makes the certificate pass more
     often (the k-th distance is further from the last candidate's). Same as csrc/knn.h."""
     return max(8, k // 4)
 
 
-def row_chunk(n_rows: int, elems_per_row: int, budget: int) -> int:
-    """Rows per chunk so that chunk * elems_per_row stays under ``budget`` elements."""
-    return max(1, min(n_rows, budget // max(1, elems_per_row)))
+row_chunk = _budget.chunk_rows
 
 
 def certificate_coef(dim: int, acc_unit: float, input_unit: float = 0.0) -> float:
@@ -121,12 +117,12 @@ def certificate_coef(dim: int, acc_unit: float, input_unit: float = 0.0) -> floa
     return 17.0 / 16.0 * ((4 * dim + 22) * (1 + v) ** 2 * u + 2 * v + v * v)
 
 
-def redo_rows(w: Tensor, bound: Tensor, sq_x: Tensor, max_sq_ref: Tensor | float, coef: float) -> Tensor:
-    """Indices of the rows the certificate cannot prove exact (see :func:`certificate_coef`).
+def uncertified(w: Tensor, bound: Tensor, sq_x: Tensor, max_sq_ref: Tensor | float, coef: float) -> Tensor:
+    """(R,) bool: the rows the certificate cannot prove exact (see :func:`certificate_coef`).
 
     A row passes only if ``w^2 < bound - err`` provably holds, so whatever cannot be
-    compared (an infinite ``coef`` times A = 0 is NaN) is redone. Same as ``certified`` in
-    csrc/knn.h.
+    compared (an infinite ``coef`` times A = 0 is NaN) is redone. A mask, not indices: the
+    caller reads its count at its one host sync. Same as ``certified`` in csrc/knn.h.
 
     Args:
         w: (R,) k-th exact distance per row.
@@ -135,8 +131,27 @@ def redo_rows(w: Tensor, bound: Tensor, sq_x: Tensor, max_sq_ref: Tensor | float
         coef: :func:`certificate_coef` for this selection.
     """
     ct = bound.dtype
-    err = coef * (sq_x.to(ct) + max_sq_ref)
-    return torch.nonzero(~(w.to(ct) ** 2 < bound - err)).flatten()
+    w, err = as_dtype(w, ct), torch.add(as_dtype(sq_x, ct), max_sq_ref)  # A; times coef (a Scalar) below
+    return ~(torch.add(bound, err, alpha=-coef) > w * w)
+
+
+def first_rows(mask: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` True entries of ``mask``, ascending, given their number (read
+    at an earlier sync): a stable sort, where ``nonzero`` would sync again to size its output."""
+    return torch.argsort(mask.to(torch.int8), descending=True, stable=True)[:count]
+
+
+def row_scale(dist: Tensor) -> Tensor:
+    """(B, 1): for each row of kNN distances, the power of two 2^e with w = m 2^e,
+    m in [0.5, 1), w its largest distance (1 where w is 0).
+
+    The backward's coefficients g / r leave the dtype's range at extreme feature scales,
+    where the LID's gradient g goes like 1 / w: at w ~ 1e-20 in float32 g / r ~ 1e40
+    (overflow), at w ~ 1e30, 1e-60 (underflow to 0). Taken as (g s) / r, which is ~1 / w
+    times a ratio, and divided by s after the sum, they stay in range; a power of two
+    scales exactly (w / m is exact)."""
+    w = dist.amax(dim=1, keepdim=True)
+    return (w / torch.frexp(w).mantissa).nan_to_num_(nan=1.0)
 
 
 def round_to_tf32(t: Tensor) -> Tensor:
@@ -156,24 +171,50 @@ def centred(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     selected in fp32 (fp16 |r|^2 overflows at |r| ~ 256).
     """
     ct = compute_dtype(x.dtype)
-    mu = ref.to(ct).mean(dim=0)
-    xs, rs = x.to(ct) - mu, ref.to(ct) - mu
+    rc = as_dtype(ref, ct)
+    mu = rc.mean(dim=0)
+    xs, rs = as_dtype(x, ct) - mu, rc - mu
     return xs, rs, (xs * xs).sum(dim=1), (rs * rs).sum(dim=1)
 
 
 def exact_distances(x: Tensor, ref: Tensor, idx: Tensor) -> Tensor:
-    """||x_i - ref[idx_ij]|| as direct differences, (B, m), in the compute dtype, chunked."""
-    out = torch.empty(idx.shape, dtype=compute_dtype(x.dtype), device=x.device)
-    step = row_chunk(idx.shape[0], idx.shape[1] * x.shape[1], GATHER_ELEMS)
-    for s in range(0, idx.shape[0], step):
-        xc = x[s : s + step].to(out.dtype)
-        diff = xc.unsqueeze(1) - ref[idx[s : s + step]].to(out.dtype)
-        out[s : s + step] = torch.linalg.vector_norm(diff, dim=2)
+    """||x_i - ref[idx_ij]|| as direct differences, (B, m), in the compute dtype.
+
+    Rows are gathered in chunks sized by :func:`_budget.budget` for the device (one chunk on
+    a GPU at the paper's shapes), into one buffer reused in place: a fresh temporary per
+    chunk made the CPU page-fault on every chunk. Each row's norm is the same computation
+    whatever the chunking, so the result is too, bit for bit.
+    """
+    ct = compute_dtype(x.dtype)
+    b, m = idx.shape
+    d = x.shape[1]
+    out = torch.empty((b, m), dtype=ct, device=x.device)
+    if out.numel() == 0:
+        return out
+    rc, x3, flat = as_dtype(ref, ct), as_dtype(x, ct).unsqueeze(1), idx.reshape(-1)
+    step = row_chunk(b, m * d, _budget.budget(x.device).gather)
+    buf = torch.empty((step * m, d), dtype=ct, device=x.device)
+    full = buf.view(step, m, d)
+    for s in range(0, b, step):  # views made once, and only a ragged last chunk slices buf
+        r = min(step, b - s)
+        g = full if r == step else buf[: r * m].view(r, m, d)
+        torch.index_select(rc, 0, flat[s * m : (s + r) * m], out=g.view(r * m, d))
+        torch.sub(g, x3[s : s + r], out=g)
+        torch.linalg.vector_norm(g, dim=2, out=out[s : s + r])
     return out
 
 
 def rerank(x: Tensor, ref: Tensor, cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact distances of candidate indices (B, m), the k smallest, ties to the lower index."""
+    """Exact distances of candidate indices (B, m), the k smallest, ties to the lower index.
+
+    float32: non-negative distances order like their bits, so ``(bits << 32) | index`` is one
+    int64 key in (distance, index) order and one topk selects and sorts, ties included.
+    float64 leaves no room for the index: a stable sort over index-sorted candidates."""
+    if compute_dtype(x.dtype) == torch.float32:
+        d = exact_distances(x, ref, cand)
+        keys = torch.topk(d.view(torch.int32).to(torch.int64).bitwise_left_shift_(32).bitwise_or_(cand),
+                          k, dim=1, largest=False, sorted=True).values
+        return keys.bitwise_right_shift(32).to(torch.int32).view(torch.float32), keys.bitwise_and_(0xFFFFFFFF)
     cand, _ = torch.sort(cand, dim=1)
     d = exact_distances(x, ref, cand)
     d, order = torch.sort(d, dim=1, stable=True)
@@ -185,7 +226,7 @@ def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tens
     reference row ``own[i]`` for query i; ties to the lower index.
 
     Streams the reference in column blocks with a running (rows, k) best list, so memory is
-    O(EXHAUSTIVE_ELEMS) however many rows need it (a collapsed batch sends all of them).
+    O(``_budget.budget(device).exhaustive``) however many rows need it (a collapsed batch sends all of them).
     Distances come from ``torch.cdist`` without the matmul expansion (no rows x N x D
     temporary). When many rows are redone (``DEDUP_MIN_ROWS``) and the reference has many
     exact duplicates (a collapsed batch, the case that needs this most), it is
@@ -201,10 +242,10 @@ def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tens
     idx = torch.empty((b, k), dtype=torch.int64, device=x.device)
     if b == 0:
         return dist, idx
-    budget = EXHAUSTIVE_ELEMS.get(x.device.type, EXHAUSTIVE_ELEMS_DEFAULT)
+    budget = _budget.budget(x.device).exhaustive
     cols = max(k, min(n, budget // 8))
     step = row_chunk(b, k + cols, budget)
-    refc = ref.to(ct)
+    refc = as_dtype(ref, ct)
     uniq = inv = None
     if b >= DEDUP_MIN_ROWS:
         uniq, inv = torch.unique(refc, dim=0, return_inverse=True)
@@ -223,10 +264,11 @@ def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tens
                 d = torch.cdist(xc, blk, compute_mode="donot_use_mm_for_euclid_dist")
             else:
                 d = du[:, inv[j0 : j0 + cols]]
-            if own is not None:
-                col = own[s : s + step] - j0
-                hit = torch.nonzero((col >= 0) & (col < blk.shape[0])).flatten()
-                d[hit, col[hit]] = float("inf")
+            if own is not None:  # own row to +inf where it lies in this block, without a sync
+                col = own[s : s + step].unsqueeze(1) - j0
+                inside = (col >= 0) & (col < blk.shape[0])
+                col = col.clamp(0, blk.shape[0] - 1)
+                d.scatter_(1, col, torch.where(inside, float("inf"), d.gather(1, col)))
             j = torch.arange(j0, j0 + blk.shape[0], device=x.device)
             if ct == torch.float32:
                 keys = (d.view(torch.int32).to(torch.int64) << 32) | j
@@ -245,19 +287,19 @@ def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tens
     return dist, idx
 
 
-def range_scale(x: Tensor, ref: Tensor, arith: torch.dtype) -> tuple[float, float]:
-    """(scale, m): the power of two that brings m = max(|x|, |ref|) into [1, 2) when m lies
-    outside the window of ``arith`` (:data:`RANGE_EXP`), else 1.0.
+def extremes(x: Tensor, ref: Tensor) -> Tensor:
+    """(4,) float64 on the device: min x, max x, min ref, max ref, without a host sync.
 
-    Multiplying by a power of two is exact and distances are scale-equivariant, so a
-    backend run on the scaled inputs returns the same neighbours and, divided by the scale,
-    the same distances bit for bit, where the unscaled squared distances would overflow
-    (|x| ~ 1e19 in fp32) or underflow. Raises ValueError for NaN/Inf: ``aminmax`` propagates
-    NaN and an Inf is its own extreme, so one reduction per tensor (one device sync for
-    both) checks finiteness and finds m without a boolean copy of a large ``ref``.
-    Same as ``range_scale`` in csrc/knn.cpp.
-    """
-    ext = torch.stack([v.to(torch.float64) for t in (x, ref) for v in torch.aminmax(t)]).tolist()
+    ``aminmax`` propagates NaN and an Inf is its own extreme, so these four values also tell
+    whether the inputs are finite (:func:`window_scale`), without a boolean copy of a large
+    ``ref``."""
+    return torch.stack([*torch.aminmax(x), *torch.aminmax(ref)]).to(torch.float64)
+
+
+def window_scale(ext: list[float], arith: torch.dtype) -> tuple[float, float]:
+    """(scale, m) from the four values of :func:`extremes` read on the host: the power of
+    two that brings m = max(|x|, |ref|) into [1, 2) when m lies outside the window of
+    ``arith`` (:data:`RANGE_EXP`), else 1.0. ValueError for NaN/Inf."""
     for name, lo, hi in (("x", ext[0], ext[1]), ("ref", ext[2], ext[3])):
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(
@@ -269,6 +311,18 @@ def range_scale(x: Tensor, ref: Tensor, arith: torch.dtype) -> tuple[float, floa
     if m == 0 or 2.0**-lim <= m <= 2.0**lim:
         return 1.0, m
     return math.ldexp(1.0, 1 - math.frexp(m)[1]), m
+
+
+def range_scale(x: Tensor, ref: Tensor, arith: torch.dtype) -> tuple[float, float]:
+    """(scale, m): :func:`window_scale` of the inputs' :func:`extremes`, one host sync.
+
+    Multiplying by a power of two is exact and distances are scale-equivariant, so a
+    backend run on the scaled inputs returns the same neighbours and, divided by the scale,
+    the same distances bit for bit, where the unscaled squared distances would overflow
+    (|x| ~ 1e19 in fp32) or underflow. Raises ValueError for NaN/Inf. Same as
+    ``range_scale`` in csrc/knn.cpp.
+    """
+    return window_scale(extremes(x, ref).tolist(), arith)
 
 
 def unscale(dist: Tensor, scale: float, max_abs: float) -> Tensor:

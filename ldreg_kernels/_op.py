@@ -130,13 +130,21 @@ def define_backward_op(name: str, impl: BackwardImpl, device_types=None):
     return op
 
 
-def define_knn_op(name: str, impl: KnnImpl, backward_op, device_types=None, fp32_selection: bool = False):
+def define_knn_op(
+    name: str, impl: KnnImpl, backward_op, device_types=None, fp32_selection: bool = False,
+    checks_input: bool = False,
+):
     """Define ``ldreg::knn_<name>`` from ``impl``, with the NaN/Inf check and range scaling
     (``_host.range_scale``; ``fp32_selection``: the backend selects float64 input in fp32,
     so scale it into fp32's window), the fake kernel, the autocast rule and an autograd
-    that runs ``backward_op`` (this backend's own backward)."""
+    that runs ``backward_op`` (this backend's own backward).
+
+    ``checks_input``: ``impl`` does the NaN/Inf check and range scaling itself (so that it
+    can read them at the same host sync as its own results); it gets contiguous inputs."""
 
     def forward(x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
+        if checks_input:
+            return impl(x.contiguous(), ref.contiguous(), k, self_offset, exclude_self)
         arith = torch.float32 if fp32_selection else compute_dtype(x.dtype)
         scale, max_abs = range_scale(x, ref, arith)
         if scale != 1.0:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ldreg_kernels as L
-from ldreg_kernels import _host, reference
+from ldreg_kernels import _budget, _host, reference
 from ldreg_kernels.backends import torch as torch_backend
 from utils import assert_knn_matches, features, generator
 
@@ -43,8 +43,8 @@ def test_certificate_terms():
     assert _host.certificate_coef(131073, u, 0.0) == float("inf")
     assert _host.certificate_coef(16, u, 2.0**-7) == float("inf")
     # inf means "redo every row", also where A = 0 (inf * 0 would be NaN and redo nothing).
-    rows = _host.redo_rows(torch.zeros(5), torch.zeros(5), torch.zeros(5), 0.0, float("inf"))
-    assert rows.tolist() == [0, 1, 2, 3, 4]
+    redo = _host.uncertified(torch.zeros(5), torch.zeros(5), torch.zeros(5), 0.0, float("inf"))
+    assert redo.tolist() == [True] * 5
 
 
 def test_round_to_tf32_truncates_to_ten_mantissa_bits():
@@ -100,7 +100,7 @@ def test_exhaustive_matches_oracle(dtype, kind, monkeypatch):
     ref = features(301, 7, g, dtype)
     if kind == "dups":
         ref = ref[torch.randint(0, 5, (301,), generator=g)]  # 5 distinct rows: deduplicated
-    monkeypatch.setitem(_host.EXHAUSTIVE_ELEMS, "cpu", 200)
+    monkeypatch.setattr(_budget, "CPU_EXHAUSTIVE_ELEMS", 200)
     rows = torch.randperm(301, generator=g)[: _host.DEDUP_MIN_ROWS + 16]  # enough rows to deduplicate
     dist, idx = _host.exhaustive(ref[rows], ref, 9, rows)
     own_d = torch.cdist(ref[rows].double(), ref.double(), compute_mode="donot_use_mm_for_euclid_dist")

@@ -107,23 +107,33 @@ def test_backends_agree_with_each_other():
 @pytest.mark.parametrize("tile_rows, score_elems", [(256, 100), (8, 100), (8, 2000), (256, 10**6)])
 def test_torch_backend_chunking_is_invisible(monkeypatch, tile_rows, score_elems):
     """Tiny budgets force many query chunks and, below tile_rows queries a chunk, reference
-    column blocks merged through a running top-k (ragged blocks, own rows on block edges);
-    the result must not change, and equals the oracle."""
-    from ldreg_kernels import _host
+    column blocks merged through a running top-k (ragged blocks, own rows on block edges),
+    and gathered chunks of a row or two in the re-rank and the backward; neither the result
+    nor the gradient may change, and the result equals the oracle."""
+    from ldreg_kernels import _budget
     from ldreg_kernels.backends import torch as torch_backend
 
     g = generator("chunks", tile_rows, score_elems)
     x = features(53, 21, g, torch.float64)
     ref = features(97, 21, g, torch.float64)
     ref[10:63] = x
-    want = L.knn(x, ref, 6, exclude_self=True, self_offset=10, backend="torch")  # one chunk
+    grad = torch.rand(53, 6, generator=g, dtype=torch.float64)
+
+    def run():
+        xx, rr = x.clone().requires_grad_(), ref.clone().requires_grad_()
+        d, i = L.knn(xx, rr, 6, exclude_self=True, self_offset=10, backend="torch")
+        d.backward(grad)
+        return d.detach(), i, xx.grad, rr.grad
+
+    want = run()  # one chunk
     oracle_d, oracle_i = L.knn(x, ref, 6, exclude_self=True, self_offset=10, backend="reference")
     assert torch.equal(want[1], oracle_i) and torch.allclose(want[0], oracle_d, rtol=1e-13, atol=0)
-    monkeypatch.setattr(_host, "SCORE_ELEMS", score_elems)
-    monkeypatch.setattr(_host, "GATHER_ELEMS", 50)
+    monkeypatch.setattr(_budget, "CPU_SCORE_ELEMS", score_elems)
+    monkeypatch.setattr(_budget, "CPU_GATHER_ELEMS", 6 * 21 + 50)  # one row a chunk, ragged at the end
     monkeypatch.setattr(torch_backend, "TILE_ROWS", tile_rows)
-    got = L.knn(x, ref, 6, exclude_self=True, self_offset=10, backend="torch")
-    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    got = run()
+    for a, b, what in zip(got, want, ("dist", "idx", "grad_x", "grad_ref")):
+        assert torch.equal(a, b), what
 
 
 def test_lid_mom_est_dropin_semantics():

@@ -1,8 +1,9 @@
 """The "torch" backend: chunked matmul selection, exact re-rank, sparse backward.
 
 Runs on any device PyTorch runs on. Memory is O(chunk * N + B * k): queries are processed
-in row chunks sized so that no temporary exceeds a fixed element budget, and the
-B x N distance matrix is never formed.
+in row chunks sized so that no temporary exceeds the device's budget (``_budget``: a
+fraction of free memory on a GPU, cache-sized on a CPU), and a forward + backward makes a
+small number of aten calls that does not grow with B unless the budget forces more chunks.
 
 Selection uses ``|r|^2 - 2 x.r`` from a matmul, which may be inexact (cancellation, or
 TF32 if the user enabled it), so it keeps ``k + margin`` candidates and then recomputes
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _host
+from .. import _budget, _host
 from .._op import Backend, define_backward_op, define_knn_op
 
 __all__ = ["knn_forward", "knn_backward", "selection_precision", "BACKENDS"]
@@ -46,12 +47,40 @@ def knn_forward(
 ) -> tuple[Tensor, Tensor]:
     """(dist, idx), (B, k), of the k nearest rows of ``ref`` to each row of ``x``.
 
+    One host sync: the inputs' extremes (the NaN/Inf check and the range window,
+    ``_host.window_scale``) and the number of rows the certificate cannot prove are read
+    together, after the selection and the re-rank were queued. Inputs outside the window
+    (the first pass may have overflowed) are then run again, scaled by a power of two; rows
+    left unproven are redone exhaustively (more syncs, only then).
+
     Args:
         margin: candidates kept past k (default ``_host.default_margin(k)``).
         precision: selection precision for the certificate, default
             :func:`selection_precision`. "tf32" on a device without TF32 (CPU) emulates it
             by truncating the selection inputs, as a TF32 matmul reads them.
     """
+    ct = _host.compute_dtype(x.dtype)
+    ext = _host.extremes(x, ref)
+    dist, idx, redo = _select_and_rerank(x, ref, k, self_offset, exclude_self, margin, precision)
+    parts = [ext] if redo is None else [ext, redo.sum(dtype=ext.dtype).view(1)]
+    host = torch.cat(parts).tolist()  # the one sync
+    scale, max_abs = _host.window_scale(host[:4], ct)
+    if scale != 1.0:
+        d, i = knn_forward(x * scale, ref * scale, k, self_offset, exclude_self, margin, precision)
+        return _host.unscale(d, scale, max_abs), i
+    n_redo = int(host[4]) if redo is not None else 0
+    if n_redo:
+        rows = _host.first_rows(redo, n_redo)
+        d2, i2 = _host.exhaustive(x[rows], ref, k, rows + self_offset if exclude_self else None)
+        dist[rows], idx[rows] = d2.to(dist.dtype), i2
+    return dist, idx
+
+
+def _select_and_rerank(
+    x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool, margin: int | None, precision: str | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dist, idx, redo): the re-ranked k best of k + margin candidates per row, and the
+    rows the certificate cannot prove exact (None when every valid row was a candidate)."""
     b, n = x.shape[0], ref.shape[0]
     n_valid = n - int(exclude_self)
     n_cand = min(k + (_host.default_margin(k) if margin is None else margin), n_valid)
@@ -61,42 +90,54 @@ def knn_forward(
     xsel, rsel = xs, rs
     if precision == "tf32" and not x.is_cuda:
         xsel, rsel = _host.round_to_tf32(xs), _host.round_to_tf32(rs)
-    cand = torch.empty((b, n_cand), dtype=torch.int64, device=x.device)
-    bound = torch.empty(b, dtype=ct, device=x.device)  # approx. squared distance of the last candidate
-    # Score tiles of at most SCORE_ELEMS: whole reference rows while that leaves chunks of at
-    # least TILE_ROWS queries, else TILE_ROWS queries against column blocks with a running
-    # top-n_cand. (Whole rows of a big bank meant a few queries per matmul, each re-reading
-    # the whole bank: time quadratic in N.)
-    step = _host.row_chunk(b, n, _host.SCORE_ELEMS)
+    # Score tiles within the device's budget: whole reference rows while that leaves chunks
+    # of at least TILE_ROWS queries, else TILE_ROWS queries against column blocks with a
+    # running top-n_cand. (Whole rows of a big bank meant a few queries per matmul, each
+    # re-reading the whole bank: time quadratic in N.) One tile on a GPU at the paper's shapes.
+    tile = _budget.budget(x.device).score
+    step = _host.row_chunk(b, n, tile)
     cols = n
     if step < min(b, TILE_ROWS):
         step = min(b, TILE_ROWS)
-        cols = max(n_cand, _host.SCORE_ELEMS // step)
-    for s in range(0, b, step):
-        rows = torch.arange(min(step, b - s), device=x.device)
-        own = rows + s + self_offset
-        top_v = top_i = None
-        for c0 in range(0, n, cols):
-            c1 = min(n, c0 + cols)
-            score = torch.addmm(sq_ref[c0:c1], xsel[s : s + step], rsel[c0:c1].t(), beta=1.0, alpha=-2.0)
-            if exclude_self:  # own rows in this block to +inf; no boolean indexing (a host sync on CUDA)
-                col = (own - c0).clamp(0, c1 - c0 - 1)
-                score[rows, col] = torch.where((own >= c0) & (own < c1), float("inf"), score[rows, col])
-            ids = torch.arange(c0, c1, device=x.device).expand(score.shape[0], -1)
-            if top_v is not None:
-                score, ids = torch.cat([top_v, score], dim=1), torch.cat([top_i, ids], dim=1)
-            top = torch.topk(score, min(n_cand, score.shape[1]), dim=1, largest=False, sorted=False)
-            top_v, top_i = top.values, ids.gather(1, top.indices)
-        cand[s : s + step] = top_i
-        bound[s : s + step] = top_v.max(dim=1).values + sq_x[s : s + step]
+        cols = max(n_cand, tile // step)
+    if step >= b and cols >= n:
+        cand, top_v = _top_candidates(xsel, rsel, sq_ref, 0, 0, n, n_cand, exclude_self, self_offset)
+        bound = top_v.amax(dim=1) + sq_x  # approx. squared distance of the last candidate
+    else:
+        cand = torch.empty((b, n_cand), dtype=torch.int64, device=x.device)
+        bound = torch.empty(b, dtype=ct, device=x.device)
+        for s in range(0, b, step):
+            top_v = top_i = None
+            for c0 in range(0, n, cols):
+                ids, v = _top_candidates(xsel[s : s + step], rsel, sq_ref, s, c0, min(n, c0 + cols), n_cand,
+                                         exclude_self, self_offset)
+                if top_v is not None:
+                    v, ids = torch.cat([top_v, v], dim=1), torch.cat([top_i, ids], dim=1)
+                    top = torch.topk(v, n_cand, dim=1, largest=False, sorted=False)
+                    v, ids = top.values, ids.gather(1, top.indices)
+                top_v, top_i = v, ids
+            cand[s : s + step] = top_i
+            bound[s : s + step] = top_v.amax(dim=1) + sq_x[s : s + step]
     dist, idx = _host.rerank(x, ref, cand, k)
-    if n_cand < n_valid:
-        coef = _host.certificate_coef(x.shape[1], torch.finfo(ct).eps, _host.INPUT_UNIT[precision])
-        redo = _host.redo_rows(dist[:, -1], bound, sq_x, sq_ref.max(), coef)
-        if redo.numel():
-            d2, i2 = _host.exhaustive(x[redo], ref, k, redo + self_offset if exclude_self else None)
-            dist[redo], idx[redo] = d2.to(dist.dtype), i2
-    return dist, idx
+    if n_cand >= n_valid:
+        return dist, idx, None
+    coef = _host.certificate_coef(x.shape[1], torch.finfo(ct).eps, _host.INPUT_UNIT[precision])
+    return dist, idx, _host.uncertified(dist[:, -1], bound, sq_x, sq_ref.max(), coef)
+
+
+def _top_candidates(
+    xq: Tensor, rsel: Tensor, sq_ref: Tensor, s: int, c0: int, c1: int, n_cand: int, exclude_self: bool,
+    self_offset: int,
+) -> tuple[Tensor, Tensor]:
+    """(reference indices, scores) of the n_cand smallest scores ``|r|^2 - 2 x.r`` of queries
+    s.. (``xq``) against reference rows c0..c1, unsorted."""
+    whole = c0 == 0 and c1 == rsel.shape[0]  # (slicing the whole range is two more calls)
+    score = torch.addmm(sq_ref if whole else sq_ref[c0:c1], xq, (rsel if whole else rsel[c0:c1]).t(),
+                        beta=1.0, alpha=-2.0)
+    if exclude_self:  # query s + t's own row s + t + self_offset: one diagonal of the tile
+        score.diagonal(s + self_offset - c0).fill_(float("inf"))
+    top = torch.topk(score, min(n_cand, c1 - c0), dim=1, largest=False, sorted=False)
+    return (top.indices if c0 == 0 else top.indices + c0), top.values
 
 
 def knn_backward(
@@ -106,23 +147,41 @@ def knn_backward(
 
     d r_ij / d x_i = (x_i - ref_j) / r_ij through the k selected neighbours only; a zero
     distance contributes zero (the subgradient torch.cdist uses). Direct differences, not
-    ``sum(c) x_i - sum(c ref_j)``, which cancels badly for near-duplicate neighbours.
+    ``sum(c) x_i - sum(c ref_j)``, which cancels badly for near-duplicate neighbours. The
+    differences are gathered in chunks of the device's budget into one buffer reused in
+    place, and each row's sum is one batched matmul; no host sync. The coefficients are
+    taken relative to each row's scale (``_host.row_scale``), so tiny features do not
+    overflow them.
     """
     ct = dist.dtype
-    coef = torch.where(dist > 0, grad_dist.to(ct) / dist, torch.zeros((), dtype=ct, device=dist.device))
-    gx = torch.empty(x.shape, dtype=ct, device=x.device)
+    b, k = idx.shape
+    d = x.shape[1]
+    gx = torch.empty((b, d), dtype=ct, device=x.device)
     gref = torch.zeros(ref.shape, dtype=ct, device=x.device) if need_ref_grad else None
-    step = _host.row_chunk(idx.shape[0], idx.shape[1] * x.shape[1], _host.GATHER_ELEMS)
-    for s in range(0, idx.shape[0], step):
-        ic = idx[s : s + step]
-        contrib = coef[s : s + step].unsqueeze(2) * (x[s : s + step].to(ct).unsqueeze(1) - ref[ic].to(ct))
-        gx[s : s + step] = contrib.sum(dim=1)
+    if gx.numel() == 0 or k == 0:
+        return gx.zero_().to(x.dtype), None if gref is None else gref.to(ref.dtype)
+    s = _host.row_scale(dist)
+    # s g / r, and 0 (r itself) where r = 0
+    coef = torch.where(dist.bool(), (_host.as_dtype(grad_dist, ct) * s).div_(dist), dist)
+    rc, x3, flat = _host.as_dtype(ref, ct), _host.as_dtype(x, ct).unsqueeze(1), idx.reshape(-1)
+    c3, gx3, s3 = coef.unsqueeze(1), gx.unsqueeze(1), s.unsqueeze(2)
+    step = _host.row_chunk(b, k * d, _budget.budget(x.device).gather)
+    buf = torch.empty((step * k, d), dtype=ct, device=x.device)
+    full = buf.view(step, k, d)
+    for s0 in range(0, b, step):  # views made once, and only a ragged last chunk slices buf
+        r = min(step, b - s0)
+        g = full if r == step else buf[: r * k].view(r, k, d)
+        ic = flat[s0 * k : (s0 + r) * k]
+        torch.index_select(rc, 0, ic, out=g.view(r * k, d))
+        torch.sub(x3[s0 : s0 + r], g, out=g)  # x_i - ref_j
+        torch.bmm(c3[s0 : s0 + r], g, out=gx3[s0 : s0 + r])
         if gref is not None:
-            gref.index_add_(0, ic.reshape(-1), contrib.reshape(-1, x.shape[1]), alpha=-1.0)
-    return gx.to(x.dtype), None if gref is None else gref.to(ref.dtype)
+            g.mul_(c3[s0 : s0 + r].transpose(1, 2)).div_(s3[s0 : s0 + r])
+            gref.index_add_(0, ic, g.view(-1, d), alpha=-1.0)
+    return _host.as_dtype(gx.div_(s), x.dtype), None if gref is None else _host.as_dtype(gref, ref.dtype)
 
 
 knn_backward_torch = define_backward_op("torch", lambda *a: knn_backward(*a))
-knn_torch = define_knn_op("torch", lambda *a: knn_forward(*a), knn_backward_torch)
+knn_torch = define_knn_op("torch", lambda *a: knn_forward(*a), knn_backward_torch, checks_input=True)
 
 BACKENDS = (Backend("torch", _DEVICES, lambda: torch.ops.ldreg.knn_torch, "knn_backward_torch"),)
