@@ -7,7 +7,8 @@ Triton. The launches are recorded from the project's own host code, not from a l
 (``knn_fwd.select_candidates`` for every buffer width and segment count that
 ``knn_fwd._plan`` picks for some k, every selection precision, with and without
 exclude_self; ``knn_bwd.knn_backward`` for every input dtype, with and without grad_ref,
-by atomics and by the deterministic reduction) are driven on small CPU tensors. Each
+by atomics and by the deterministic reduction; ``rerank.exact_keys`` for every input
+dtype) are driven on small CPU tensors. Each
 recorded launch is specialised as the JIT does it (``JITFunction``'s binder and
 ``_pack_args``) and compiled by Triton's own stages for
 ``GPUTarget("cuda", 80 | 90, 32)``: TTIR, TTGIR, LLVM IR (where the shared-memory size
@@ -203,7 +204,7 @@ def _import_backend():
         sys.path.insert(0, ROOT)
     import importlib
 
-    return {n: importlib.import_module(f"ldreg_kernels.backends.triton.{n}") for n in ("knn_fwd", "knn_bwd")}
+    return {n: importlib.import_module(f"ldreg_kernels.backends.triton.{n}") for n in ("knn_fwd", "knn_bwd", "rerank")}
 
 
 def forward_buckets(fwd, margin, k_max: int = 8192) -> dict:
@@ -281,6 +282,16 @@ def record_triton_launches(variants: bool = False) -> tuple[list[Launch], dict, 
                         bwd.knn_backward(dist, x, ref, idx, dist, need_ref)
                     finally:
                         torch.use_deterministic_algorithms(det_mode)
+        # The fused exact re-rank: fp32 arithmetic with packed keys for every input but
+        # float64, which accumulates in fp64; its blocks depend on D only up to BLOCK_D.
+        rec = recs[("rerank", "_rerank_kernel")][1]
+        for d in [128] + ([8, 100, 2048] if variants else []):
+            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                b, n, m = 256, 4096, 80
+                x, ref = torch.randn(b, d, generator=g).to(dt), torch.randn(n, d, generator=g).to(dt)
+                cand = torch.randint(0, n, (b, m), generator=g)
+                rec.tag = (f"x={str(dt)[6:]}" + ("" if d == 128 else f" D={d}"), (2, str(dt), d), {})
+                mods["rerank"].exact_keys(x, ref, cand)
     finally:
         for (mname, attr), (jit, _) in recs.items():
             setattr(mods[mname], attr, jit)

@@ -25,7 +25,7 @@ from . import _compat
 
 _compat.apply()
 
-from . import knn_bwd, knn_fwd  # noqa: E402
+from . import knn_bwd, knn_fwd, rerank  # noqa: E402
 from .knn_fwd import (  # noqa: E402
     MAX_CANDIDATES,
     MAX_KP,
@@ -49,10 +49,11 @@ __all__ = [
 
 # Module attributes looked up per call, so a test can wrap them to prove which kernel ran.
 knn_backward_triton = define_backward_op("triton", lambda *a: knn_bwd.knn_backward(*a))
-# fp32_selection: float64 input is selected in fp32, so its range is scaled to fp32's window.
+# checks_input: knn_forward reads the NaN/Inf check and fp32's range window (float64 input
+# is selected in fp32) at its one host sync.
 knn_triton = define_knn_op(
     "triton", lambda x, ref, k, off, excl: knn_fwd.knn_forward(x, ref, k, off, excl), knn_backward_triton,
-    fp32_selection=True,
+    checks_input=True,
 )
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slow: tests only).

@@ -9,6 +9,8 @@ the subgradient torch.cdist and the torch backend use)::
 
 Direct differences, never ``sum(c) x_i - sum(c ref_j)``. Accumulated in the distances'
 dtype (fp32, fp64 for fp64 input) and cast back to the input dtype, as the torch backend does.
+c_ij is formed as (s_i g_ij) / r_ij and the sums divided by s_i, s_i the power of two of row
+i's scale (``_host.row_scale``), so that tiny or huge features neither overflow nor flush it.
 
 grad_x sums each row's k terms in a fixed order: deterministic. grad_ref, by default, is
 scattered with float atomic adds (relaxed ordering: only the sum matters, no other memory
@@ -27,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ... import _host
+
 __all__ = ["knn_backward"]
 
 
@@ -34,7 +38,7 @@ __all__ = ["knn_backward"]
 # kernel again); it only masks rows. D, K and the strides are fixed over a training run.
 @triton.jit(do_not_specialize=["B"])
 def _knn_bwd_kernel(
-    G, X, R, IDX, DIST, GX, GREF,
+    G, X, R, IDX, DIST, WS, GX, GREF,
     B, D, K,
     stride_x, stride_r,
     NEED_REF: tl.constexpr,
@@ -50,24 +54,25 @@ def _knn_bwd_kernel(
     dmask = dd < D
     m2 = rmask[:, None] & dmask[None, :]
     xi = tl.load(X + rows64[:, None] * stride_x + dd[None, :], mask=m2, other=0.0).to(GX.dtype.element_ty)
+    s = tl.load(WS + rows64, mask=rmask, other=1.0)  # the row's scale (_host.row_scale)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=GX.dtype.element_ty)
     for j in range(0, K):
         nb = tl.load(IDX + rows64 * K + j, mask=rmask, other=0)
         g = tl.load(G + rows64 * K + j, mask=rmask, other=0.0).to(GX.dtype.element_ty)
         r = tl.load(DIST + rows64 * K + j, mask=rmask, other=0.0)
-        c = tl.where(r > 0, g / tl.where(r > 0, r, 1.0), 0.0)
+        c = tl.where(r > 0, (g * s) / tl.where(r > 0, r, 1.0), 0.0)  # s g / r: in range at any scale
         rj = tl.load(R + nb[:, None] * stride_r + dd[None, :], mask=m2, other=0.0).to(GX.dtype.element_ty)
         contrib = c[:, None] * (xi - rj)
         acc += contrib
         if NEED_REF:
-            tl.atomic_add(GREF + nb[:, None] * D + dd[None, :], -contrib, mask=m2, sem="relaxed")
-    tl.store(GX + rows64[:, None] * D + dd[None, :], acc, mask=m2)
+            tl.atomic_add(GREF + nb[:, None] * D + dd[None, :], -(contrib / s[:, None]), mask=m2, sem="relaxed")
+    tl.store(GX + rows64[:, None] * D + dd[None, :], acc / s[:, None], mask=m2)
 
 
 # N is not specialised (a memory bank is fixed, but exclude_self batches have N = B).
 @triton.jit(do_not_specialize=["N"])
 def _knn_bwd_ref_sorted_kernel(
-    G, X, R, ORDER, START, DIST, GREF,
+    G, X, R, ORDER, START, DIST, WS, GREF,
     N, D, K,
     stride_x, stride_r,
     BLOCK_J: tl.constexpr,
@@ -94,13 +99,15 @@ def _knn_bwd_ref_sorted_kernel(
         i = e // K
         g = tl.load(G + e, mask=live, other=0.0).to(GREF.dtype.element_ty)
         r = tl.load(DIST + e, mask=live, other=0.0)
-        c = tl.where(r > 0, g / tl.where(r > 0, r, 1.0), 0.0)
+        s = tl.load(WS + i, mask=live, other=1.0)
+        c = tl.where(r > 0, (g * s) / tl.where(r > 0, r, 1.0), 0.0)
         xi = tl.load(X + i[:, None] * stride_x + dd[None, :], mask=live[:, None] & dmask[None, :], other=0.0)
-        acc += c[:, None] * (xi.to(GREF.dtype.element_ty) - rj)
+        acc += (c[:, None] * (xi.to(GREF.dtype.element_ty) - rj)) / s[:, None]
     tl.store(GREF + js64[:, None] * D + dd[None, :], -acc, mask=m2)
 
 
-def _grad_ref_sorted(grad_dist: Tensor, x: Tensor, ref: Tensor, idx: Tensor, dist: Tensor, gref: Tensor) -> None:
+def _grad_ref_sorted(grad_dist: Tensor, x: Tensor, ref: Tensor, idx: Tensor, dist: Tensor, ws: Tensor,
+                     gref: Tensor) -> None:
     """Deterministic grad_ref (module docstring): a stable sort of the flat neighbour
     indices, segment starts by binary search (no atomics, no bincount), one reduction
     kernel. O(B k) extra memory."""
@@ -111,7 +118,7 @@ def _grad_ref_sorted(grad_dist: Tensor, x: Tensor, ref: Tensor, idx: Tensor, dis
     block_j, block_d = 16, max(16, min(128, triton.next_power_of_2(d)))
     grid = (triton.cdiv(n, block_j), triton.cdiv(d, block_d))
     _knn_bwd_ref_sorted_kernel[grid](
-        grad_dist, x, ref, order, start, dist, gref, n, d, k, x.stride(0), ref.stride(0),
+        grad_dist, x, ref, order, start, dist, ws, gref, n, d, k, x.stride(0), ref.stride(0),
         BLOCK_J=block_j, BLOCK_D=block_d,
     )
 
@@ -141,13 +148,14 @@ def knn_backward(
         block_m, block_d = 16, max(16, min(128, triton.next_power_of_2(d)))
         grid = (triton.cdiv(b, block_m), triton.cdiv(d, block_d))
         atomic_ref = need_ref_grad and not sorted_ref
+        ws = _host.row_scale(dist).reshape(-1)
         _knn_bwd_kernel[grid](
-            grad_dist, x, ref, idx, dist, gx,
+            grad_dist, x, ref, idx, dist, ws, gx,
             gref if atomic_ref else gx, b, d, k, x.stride(0), ref.stride(0),
             NEED_REF=atomic_ref, BLOCK_M=block_m, BLOCK_D=block_d,
         )
         if sorted_ref and ref.shape[0]:
-            _grad_ref_sorted(grad_dist, x, ref, idx, dist, gref)
+            _grad_ref_sorted(grad_dist, x, ref, idx, dist, ws, gref)
     elif b:
         gx.zero_()
     return gx.to(x.dtype), None if gref is None else gref.to(ref.dtype)

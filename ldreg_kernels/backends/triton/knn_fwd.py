@@ -54,6 +54,7 @@ from torch import Tensor
 
 from ... import _host
 from .. import torch as torch_backend
+from . import rerank
 
 __all__ = [
     "PRECISIONS",
@@ -352,6 +353,12 @@ def knn_forward(
 ) -> tuple[Tensor, Tensor]:
     """(dist, idx), (B, k): same contract as the torch backend's, selection in Triton.
 
+    One host sync in the common case: the inputs' extremes (NaN/Inf check and fp32's range
+    window, which the selection needs whatever the input dtype) are read together with the
+    number of rows the certificate cannot prove. Inputs outside the window run again scaled
+    by a power of two; unproven rows go through the redo cascade (``_redo``), with a sync per
+    stage, only then.
+
     Args:
         precision: selection precision (default: ``get_precision()``).
         margin: extra candidates past k (default ``_host.default_margin(k)``); a one-level
@@ -360,43 +367,84 @@ def knn_forward(
     precision = get_precision() if precision is None else precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    b, n = x.shape[0], ref.shape[0]
+    n = ref.shape[0]
     n_valid = n - int(exclude_self)
     m = _host.default_margin(k) if margin is None else margin
     plan = _plan(k, n_valid, m)
     if plan is None:
         return torch_backend.knn_forward(x, ref, k, self_offset, exclude_self, margin)
-    xs, rs, sq_x, sq_ref = _host.centred(x, ref)
-    own = torch.arange(b, device=x.device) + self_offset if exclude_self else None
-    rows = torch.arange(b, device=x.device)
-    return _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, plan, n_valid, precision)
-
-
-def _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows, k, plan, n_valid, precision):
-    """Select + exact re-rank for the query rows ``rows``; uncertified rows cascade."""
-    n_cand, kp, nseg = plan
-    xr = x[rows]
-    cand = torch.empty((rows.numel(), n_cand), dtype=torch.int64, device=x.device)
-    bound_key = torch.empty(rows.numel(), dtype=torch.int64, device=x.device)
-    step = _host.row_chunk(rows.numel(), nseg * kp, KEY_ELEMS)
-    for s in range(0, rows.numel(), step):
-        rc = rows[s : s + step]
-        cand[s : s + step], bound_key[s : s + step] = _candidates(
-            xs[rc], rs, sq_ref, None if own is None else own[rc], plan, precision
-        )
-    dist, idx = _host.rerank(xr, ref, cand, k)
-    if n_cand < n_valid and rows.numel():
-        ct = sq_x.dtype
-        bound = _decode(bound_key)[1].to(ct) + sq_x[rows]  # approx. squared distance bounding the left-out rows
-        # Selection accumulates in fp32 whatever the input; fp64 input is rounded to fp32
-        # (one unit) on top of the precision's own input rounding.
-        unit = _host.INPUT_UNIT[precision] + (_host.FP32_EPS if ct == torch.float64 else 0.0)
-        coef = _host.certificate_coef(xs.shape[1], _host.FP32_EPS, unit)
-        redo = _host.redo_rows(dist[:, -1], bound, sq_x[rows], sq_ref.max(), coef)
-        if redo.numel():
-            if precision != "ieee":
-                d2, i2 = _select_and_rerank(x, ref, xs, rs, sq_x, sq_ref, own, rows[redo], k, plan, n_valid, "ieee")
-            else:
-                d2, i2 = _host.exhaustive(xr[redo], ref, k, None if own is None else own[rows[redo]])
-            dist[redo], idx[redo] = d2.to(dist.dtype), i2
+    ext = _host.extremes(x, ref)
+    q = _Queries.of(x, ref, self_offset if exclude_self else None)
+    dist, idx, redo = _select_and_rerank(q, None, k, plan, n_valid, precision)
+    host = torch.cat([ext] if redo is None else [ext, redo.sum(dtype=ext.dtype).view(1)]).tolist()  # the one sync
+    scale, max_abs = _host.window_scale(host[:4], torch.float32)
+    if scale != 1.0:
+        d, i = knn_forward(x * scale, ref * scale, k, self_offset, exclude_self, precision, margin)
+        return _host.unscale(d, scale, max_abs), i
+    n_redo = int(host[4]) if redo is not None else 0
+    if n_redo:
+        _redo(q, _host.first_rows(redo, n_redo), dist, idx, k, plan, n_valid, precision)
     return dist, idx
+
+
+class _Queries:
+    """The inputs of one forward, centred once: queries, reference, their squared norms, and
+    each query's excluded reference row (None: none)."""
+
+    def __init__(self, x, ref, xs, rs, sq_x, sq_ref, own):
+        self.x, self.ref, self.xs, self.rs, self.sq_x, self.sq_ref, self.own = x, ref, xs, rs, sq_x, sq_ref, own
+
+    @classmethod
+    def of(cls, x: Tensor, ref: Tensor, self_offset: int | None) -> "_Queries":
+        xs, rs, sq_x, sq_ref = _host.centred(x, ref)
+        own = None if self_offset is None else torch.arange(x.shape[0], device=x.device) + self_offset
+        return cls(x, ref, xs, rs, sq_x, sq_ref, own)
+
+
+def _select_and_rerank(q: _Queries, rows: Tensor | None, k: int, plan, n_valid: int, precision: str):
+    """(dist, idx, redo) for the query rows ``rows`` (None: all): Triton selection, the fused
+    exact re-rank, and the rows the certificate cannot prove (None when every valid row was
+    a candidate)."""
+    n_cand, kp, nseg = plan
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    xs, sq_x = pick(q.xs), pick(q.sq_x)
+    own = None if q.own is None else pick(q.own)
+    r = xs.shape[0]
+    step = _host.row_chunk(r, nseg * kp, KEY_ELEMS)
+    if step >= r:
+        cand, bound_key = _candidates(xs, q.rs, q.sq_ref, own, plan, precision)
+    else:  # level-two keys past KEY_ELEMS: a few row chunks
+        cand = torch.empty((r, n_cand), dtype=torch.int64, device=xs.device)
+        bound_key = torch.empty(r, dtype=torch.int64, device=xs.device)
+        for s in range(0, r, step):
+            cand[s : s + step], bound_key[s : s + step] = _candidates(
+                xs[s : s + step], q.rs, q.sq_ref, None if own is None else own[s : s + step], plan, precision
+            )
+    dist, idx = rerank.rerank(pick(q.x), q.ref, cand, k)
+    if n_cand >= n_valid or r == 0:
+        return dist, idx, None
+    ct = sq_x.dtype
+    bound = _decode(bound_key)[1].to(ct) + sq_x  # approx. squared distance bounding the left-out rows
+    # Selection accumulates in fp32 whatever the input; fp64 input is rounded to fp32
+    # (one unit) on top of the precision's own input rounding.
+    unit = _host.INPUT_UNIT[precision] + (_host.FP32_EPS if ct == torch.float64 else 0.0)
+    coef = _host.certificate_coef(xs.shape[1], _host.FP32_EPS, unit)
+    return dist, idx, _host.uncertified(dist[:, -1], bound, sq_x, q.sq_ref.max(), coef)
+
+
+def _redo(q: _Queries, rows: Tensor, dist: Tensor, idx: Tensor, k: int, plan, n_valid: int, precision: str) -> None:
+    """Rows the certificate left unproven, in place: selected again in "ieee" (when a faster
+    precision was used), and what that still leaves, exhaustively (``_host.exhaustive``)."""
+    if precision != "ieee":
+        d2, i2, redo = _select_and_rerank(q, rows, k, plan, n_valid, "ieee")
+        n2 = 0 if redo is None else int(redo.sum())  # a second sync, only on this path
+        if n2:
+            sub = _host.first_rows(redo, n2)
+            d2[sub], i2[sub] = _exhaustive(q, rows[sub], k)
+    else:
+        d2, i2 = _exhaustive(q, rows, k)
+    dist[rows], idx[rows] = d2.to(dist.dtype), i2
+
+
+def _exhaustive(q: _Queries, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    return _host.exhaustive(q.x[rows], q.ref, k, None if q.own is None else q.own[rows])
