@@ -35,6 +35,11 @@ from ._validate import check_eps_for
 def lid_from_distances(dist: Tensor, estimator: str = "mom", eps: float = 1e-12) -> Tensor:
     """LID per row from ascending kNN distances.
 
+    One op (``ldreg::lid_from_distances``) whose gradient is written out so that it stays
+    finite at every scale the forward accepts: autograd's own chain of the same formulas
+    squared w (``d(m / w)/dw = -m / w**2``), which overflowed float32 below w ~ 1e-19
+    (Inf at feature scale 1e-20, NaN at 1e-25).
+
     Args:
         dist: (B, k) sorted ascending, k >= 2.
         estimator: "mom" (method of moments, the paper's Algorithm 1) or "mle".
@@ -47,20 +52,85 @@ def lid_from_distances(dist: Tensor, estimator: str = "mom", eps: float = 1e-12)
     if dist.dtype in (torch.float16, torch.bfloat16):
         dist = dist.float()
     check_eps_for(eps, dist.dtype)  # the public functions check it before the search already
+    return _lid_op(dist, estimator, float(eps))
+
+
+def _scale(dist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(w, positive, ws): each row's k-th distance, w > 0, and w where positive else 1.
+
+    Everything is taken relative to w first: a floor eps * w would underflow (fp32 at
+    w < 1e-26), but r / w is scale-free bit for bit. w == 0 only when every distance is 0;
+    a unit stand-in keeps the divisions (and their gradients) finite there."""
     w = dist[:, -1]
-    # Everything is taken relative to w first: a floor eps * w would underflow (fp32 at
-    # w < 1e-26), but r / w is scale-free bit for bit. w == 0 only when every distance is
-    # 0; a unit stand-in keeps the divisions (and their gradients) finite there.
     positive = w > 0
-    ws = torch.where(positive, w, torch.ones((), dtype=w.dtype, device=w.device)).unsqueeze(1)
+    return w, positive, torch.where(positive, w, torch.ones_like(w))
+
+
+def _mom_ratios(dist: Tensor, w: Tensor, ws: Tensor) -> tuple[Tensor, Tensor]:
+    """(m / w, (w - m) / w), m the mean of the first k - 1 distances; w - m before the
+    division (1 - m / w would lose the digits of a near-equidistant row). 1 / (k - 1) goes
+    in as a Scalar argument: a Python number in an expression is one more aten call."""
+    m = torch.add(torch.zeros_like(w), dist[:, :-1].sum(dim=1), alpha=1.0 / (dist.shape[1] - 1))
+    return m / ws, (w - m).div_(ws)
+
+
+@torch.library.custom_op("ldreg::lid_from_distances", mutates_args=())
+def _lid_op(dist: Tensor, estimator: str, eps: float) -> Tensor:
+    w, positive, ws = _scale(dist)
     if estimator == "mom":
-        m = dist[:, :-1].mean(dim=1, keepdim=True)
-        return (m / ws).clamp_min(eps).squeeze(1) / ((dist[:, -1:] - m) / ws).clamp_min(eps).squeeze(1)
-    k = dist.shape[1]
+        rho, gam = _mom_ratios(dist, w, ws)
+        return rho.clamp_min(eps) / gam.clamp_min_(eps)
     # ln of the ratio, not ln r - ln w: the difference of two logs of the data's scale loses
     # |ln scale| x ulp per term, so the fp32 LID error grew ~10x at scales 1e-6 or 1e6.
-    ratio = torch.where(positive.unsqueeze(1), (dist / ws).clamp_min(eps), torch.ones((), dtype=dist.dtype, device=dist.device))
-    return k / (-torch.log(ratio).sum(dim=1)).clamp_min(eps)
+    r = (dist / ws.unsqueeze(1)).clamp_min_(eps)
+    r = torch.where(positive.unsqueeze(1), r, torch.ones_like(r))
+    return torch.log(r).sum(dim=1).neg_().clamp_min_(eps).reciprocal_().mul_(dist.shape[1])
+
+
+@_lid_op.register_fake
+def _(dist: Tensor, estimator: str, eps: float) -> Tensor:
+    torch._check(dist.dim() == 2 and dist.shape[1] >= 2)
+    return dist.new_empty(dist.shape[:1])
+
+
+def _lid_setup(ctx, inputs, output) -> None:
+    dist, ctx.estimator, ctx.eps = inputs
+    ctx.save_for_backward(dist, output)
+
+
+def _lid_backward(ctx, g: Tensor):
+    """The gradient of the formulas above, clamps included (a clamped term passes none, as
+    clamp_min's own gradient at the floor). Each factor is a ratio r / w or a derivative
+    with respect to one (bounded by 1 / eps**2, see the module docstring), and is divided
+    by w once, last: nothing squares w, so nothing overflows before the data's scale is
+    applied. Masks compare tensor to tensor and apply with ``where`` (a Python scalar or a
+    bool cast in an expression is one more aten call, a dispatcher trip on a GPU)."""
+    dist, lid = ctx.saved_tensors
+    eps, k = ctx.eps, dist.shape[1]
+    w, positive, ws = _scale(dist)
+    zero = torch.zeros_like(g)
+    # Functional (no out=, no in-place): under create_graph=True autograd records these too.
+    if ctx.estimator == "mom":
+        rho, gam = _mom_ratios(dist, w, ws)
+        a, c = rho.clamp_min(eps), gam.clamp_min(eps)
+        ga = torch.where(a == rho, g / c, zero)  # dL/d(m / w)
+        gc = torch.where(c == gam, g * lid / c, zero)  # -dL/d((w - m) / w)
+        gws = torch.where(positive, torch.addcmul(ga * rho, gc, gam, value=-1), zero)  # -w dL/dws
+        gm = (ga + gc) / ws / (k - 1)
+        gw = (gc + gws) / ws
+        return torch.cat([gm.unsqueeze(1).expand(-1, k - 1), gw.neg().unsqueeze(1)], dim=1), None, None
+    r = dist / ws.unsqueeze(1)
+    rc = r.clamp_min(eps)
+    live = (rc == r) & positive.unsqueeze(1)  # terms r_j / w above the floor
+    s = torch.where(positive.unsqueeze(1), rc, torch.ones_like(r)).log().sum(dim=1).neg()
+    sc = s.clamp_min(eps)
+    gsw = torch.where(sc == s, g * lid / sc, zero) / ws  # -dL/ds, over w
+    grad = torch.where(live, gsw.unsqueeze(1) / rc, torch.zeros_like(r))
+    last = grad[:, -1] - gsw * live.sum(dim=1)
+    return torch.cat([grad[:, :-1], last.unsqueeze(1)], dim=1), None, None
+
+
+_lid_op.register_autograd(_lid_backward, setup_context=_lid_setup)
 
 
 def regularizer(lids: Tensor, beta: float, reg: str = "l1") -> Tensor:
