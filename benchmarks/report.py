@@ -16,10 +16,10 @@ from collections.abc import Iterable
 FIELDS = [
     "machine", "device", "torch", "date", "threads", "method", "kind", "mode", "B", "N", "D", "k",
     "status", "ms", "p20", "p80", "reps", "first_ms", "tflops", "x_floor", "recall", "lid_err",
-    "grad_err", "peak_mib",
+    "grad_err", "peak_mib", "aten_calls", "syncs",
 ]
 _INT = {"B", "N", "D", "k", "reps", "threads"}
-_FLOAT = {"ms", "p20", "p80", "first_ms", "tflops", "x_floor", "recall", "lid_err", "grad_err"}
+_FLOAT = {"ms", "p20", "p80", "first_ms", "tflops", "x_floor", "recall", "lid_err", "grad_err", "aten_calls", "syncs"}
 
 
 # ---------------------------------------------------------------- CSV + meta
@@ -67,7 +67,7 @@ def _ok(r: dict | None) -> bool:
 
 def _get(r: dict | None, key: str) -> float:
     """r[key] for a successful row, else NaN."""
-    return r[key] if _ok(r) else math.nan
+    return r.get(key, math.nan) if _ok(r) else math.nan  # CSVs from before a column have none
 
 
 def _shape(r: dict) -> tuple[int, int, int, int]:
@@ -155,6 +155,9 @@ def markdown(rows: list[dict], meta: dict, extra: list[str] | None = None) -> st
         "float64 near-tie at the k-th neighbour that float32 distances cannot order; such a swap moves the "
         "LID by about the tie's gap, and that row's gradient by O(1).",
         "- peak extra memory: " + meta.get("memory_note", "-"),
+        "- aten calls (syncs): every aten:: event of one call in torch.profiler, nested ones included, "
+        "and the host syncs among them (benchmarks/launches.py): on a GPU each is a launch or a "
+        "dispatcher trip of several microseconds.",
         "",
     ]
     heads = headline(rows)
@@ -186,8 +189,8 @@ def markdown(rows: list[dict], meta: dict, extra: list[str] | None = None) -> st
         "## All results",
         "",
         "| B | N | D | k | method | fwd ms | full ms | fwd TFLOP/s | fwd x floor | recall@k | "
-        "LID err | grad err | peak MiB fwd / full | first call ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "LID err | grad err | peak MiB fwd / full | first call ms | aten calls (syncs) fwd / full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pairs: dict = {}
     for r in rows:
@@ -201,11 +204,16 @@ def markdown(rows: list[dict], meta: dict, extra: list[str] | None = None) -> st
             f"{_num(_get(acc, 'recall'), '.4f')} | {_num(_get(acc, 'lid_err'), '.1e')} | "
             f"{_num(_get(u, 'grad_err'), '.1e')} | "
             f"{_num(f['peak_mib'] if f else math.nan, '.1f')} / {_num(u['peak_mib'] if u else math.nan, '.1f')} | "
-            f"{_num(f['first_ms'] if f else math.nan, '.4g')} |"
+            f"{_num(f['first_ms'] if f else math.nan, '.4g')} | {_calls(f)} / {_calls(u)} |"
         )
     if meta.get("notes"):
         lines += ["", "## Methods", ""] + [f"- `{k}`: {v}" for k, v in meta["notes"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _calls(r: dict | None) -> str:
+    n, s = _get(r, "aten_calls"), _get(r, "syncs")
+    return "-" if math.isnan(n) else f"{n:.0f} ({s:.0f})"
 
 
 # ---------------------------------------------------------------- plot

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from benchmarks import measure, providers, report
+from benchmarks import launches, measure, providers, report
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 Shape = tuple[int, int, int, int]  # (B, N, D, k)
@@ -154,7 +154,7 @@ def run_shape(s: Shape, methods: list[providers.Method], device: torch.device, o
         for mode in ["fwd"] if m.kind == "floor" else ["fwd", "full"]:
             row = dict(method=m.name, kind=m.kind, mode=mode, B=b, N=n, D=d, k=k, status="ok", ms=math.nan,
                        p20=math.nan, p80=math.nan, reps=0, first_ms=math.nan, recall=math.nan, lid_err=math.nan,
-                       grad_err=math.nan, peak_mib=math.nan)
+                       grad_err=math.nan, peak_mib=math.nan, aten_calls=math.nan, syncs=math.nan)
             rows.append(row)
             need = _estimate_bytes(m, s, mode)
             if m.unavailable:
@@ -224,6 +224,8 @@ def _measure(m: providers.Method, mode: str, x: torch.Tensor, ref: torch.Tensor 
     measure.sync(device)
     row["first_ms"] = (time.perf_counter() - t) * 1e3
     row["ms"], row["p20"], row["p80"], row["reps"] = measure.time_fn(call, device, **timing)
+    counts = launches.count(call, warmup=0)  # after the timing: the profiler's cost is not timed
+    row["aten_calls"], row["syncs"] = counts.aten, counts.syncs
     if device.type == "cuda":
         row["peak_mib"] = measure.cuda_peak_mib(call, device)
     return idx
