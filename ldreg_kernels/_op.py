@@ -76,7 +76,37 @@ def _no_autocast(op) -> None:
     half and bfloat16 features are computed in float32 in any case.
     """
     for device_type in ("cpu", "cuda"):
-        torch.library.register_autocast(op, device_type, torch.float32)
+        if hasattr(torch.library, "register_autocast"):
+            torch.library.register_autocast(op, device_type, torch.float32)
+        else:  # torch < 2.7
+            _register_autocast_fallback(op, device_type)
+
+
+_FALLBACK_LIBS: dict[str, "torch.library.Library"] = {}
+
+
+def _register_autocast_fallback(op, device_type: str) -> None:
+    """What ``torch.library.register_autocast(op, device_type, torch.float32)`` does (torch
+    2.7+), for torch 2.4-2.6: a kernel under the Autocast key that casts floating inputs of
+    reduced precision to float32 and calls the op again with autocast excluded."""
+    name = op if isinstance(op, str) else f"{op._namespace}::{op._name}"
+    ns, opname = name.split("::")
+    lib = _FALLBACK_LIBS.setdefault(ns, torch.library.Library(ns, "FRAGMENT"))
+    key = "AutocastCPU" if device_type == "cpu" else "AutocastCUDA"
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    target = op if not isinstance(op, str) else None
+
+    def cast(v):
+        if isinstance(v, Tensor) and v.is_floating_point() and v.dtype in (torch.float16, torch.bfloat16):
+            return v.float()
+        return v
+
+    def kernel(_keyset, *args):
+        fn = target if target is not None else getattr(getattr(torch.ops, ns), opname)
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return fn(*(cast(a) for a in args))
+
+    lib.impl(opname, kernel, key, with_keyset=True)
 
 
 def _no_double_backward(ctx, *grads):

@@ -80,3 +80,26 @@ def test_autocast_under_torch_compile():
         eager = f(x)
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     assert torch.equal(eager, compiled) and eager.dtype == torch.float32
+
+
+def test_autocast_fallback_for_torch_before_2_7():
+    """torch < 2.7 has no torch.library.register_autocast; _op's fallback registers the same
+    rule by hand. Forced here on a scratch op: under autocast its inputs arrive in float32,
+    and autocast is off inside it (an addmm there stays float32)."""
+    from ldreg_kernels import _op
+
+    seen = []
+
+    @torch.library.custom_op("ldregtest::autocast_probe", mutates_args=())
+    def probe(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        seen.append((x.dtype, w.dtype))
+        return torch.mm(x, w)
+
+    probe.register_fake(lambda x, w: x.new_empty((x.shape[0], w.shape[1])))
+    _op._register_autocast_fallback(probe, "cpu")
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(4, 3, generator=g, dtype=torch.bfloat16), torch.randn(3, 2, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = probe(x, w)
+    assert seen == [(torch.float32, torch.float32)] and out.dtype == torch.float32
+    torch.testing.assert_close(out, x.float() @ w)
