@@ -9,8 +9,9 @@ rows turns one LDReg step into thousands of launches. So:
   caching allocator's unused blocks), with a floor. At the paper's shapes (B <= 4096,
   N = 4096, D = 2048, k <= 512) that is one chunk, or a few when training holds most of the
   memory.
-- CPU: temporaries sized to the caches. Measured on a 2-core AMD EPYC (family 25, model 17, AVX2; one thread), the
-  exact re-rank's gathered rows at B=1024, N=4096, D=2048, 80 candidates: 1M-element chunks
+- CPU: temporaries sized to the caches. Measured on a 2-core AMD EPYC (family 25, model
+  17, AVX2; one thread), the exact re-rank's gathered rows at B=1024, N=4096, D=2048, 80
+  candidates: 1M-element chunks
   110 ms, 4M 124 ms, 16M 206 ms, the whole 168M at once 612 ms (page faults and DRAM
   traffic); at B=N=512, D=512: 11, 16, 59 and 91 ms. A CPU call costs a microsecond or two,
   so the ~5000 calls of the first shape cost less than the cache misses one big chunk would.
