@@ -46,10 +46,6 @@ std::tuple<at::Tensor, at::Tensor> empty_knn_outputs(const at::Tensor& x, int64_
   return {at::empty({x.size(0), k}, x.options().dtype(ct)), at::empty({x.size(0), k}, x.options().dtype(at::kLong))};
 }
 
-at::Tensor backward_coef(const at::Tensor& grad_dist, const at::Tensor& dist) {
-  return at::where(dist > 0, grad_dist.to(dist.scalar_type()) / dist, at::zeros({}, dist.options())).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> zero_grad_buffers(const at::Tensor& x, const at::Tensor& ref,
                                                      const at::Tensor& dist, bool need_ref_grad) {
   at::Tensor gx = at::zeros(x.sizes(), x.options().dtype(dist.scalar_type()));

@@ -11,6 +11,8 @@
 
 #include <ATen/ATen.h>
 
+#include <math.h>
+
 #include <limits>
 #include <tuple>
 
@@ -82,9 +84,71 @@ void check_knn_args(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64
 // so half/bf16 inputs get float distances) and idx (B, k) int64.
 std::tuple<at::Tensor, at::Tensor> empty_knn_outputs(const at::Tensor& x, int64_t k);
 
-// Backward coefficients g_ij / r_ij in dist's dtype; 0 where r_ij == 0 (the subgradient
-// torch.cdist uses: a coincident neighbour has no direction).
-at::Tensor backward_coef(const at::Tensor& grad_dist, const at::Tensor& dist);
+// The exponent e of v = m 2^e, m in [0.5, 1) (frexp), for finite v > 0.
+template <typename T>
+LDREG_HOST_DEVICE inline int frexp_exponent(T v) {
+  int e = 0;
+  if constexpr (sizeof(T) == sizeof(float)) {
+    frexpf(v, &e);
+  } else {
+    frexp(v, &e);
+  }
+  return e;
+}
+
+// The backward's per-row scale s: a power of two with gmax s in [0.5, 1), gmax the row's
+// largest |g_ij| over its nonzero distances, clamped to [2^-(emax-2), 2^(emax-2)]
+// (2^+-126 for float, 2^+-1022 for double) so that s and 1 / s are normal, exact powers
+// of two; 1 where gmax is 0 or not finite.
+//
+// Why: the backward's coefficients g / r leave the dtype's range at extreme feature
+// scales. The LID's gradient goes like 1 / w (w the row's largest distance), so at
+// w ~ 1e-20 in float32 g / r ~ 1e40 (Inf), at w ~ 1e30 ~1e-60 (0). The backward forms
+// c'_ij = (g_ij s_i) / r_ij instead, sums c'_ij (x_i - ref_j) and multiplies the sum by
+// 1 / s_i, exactly a division by s_i: scaling by a power of two is exact, so nothing
+// changes where nothing overflowed or underflowed. Each term |c' (x - ref)| <= |g| s < 1
+// (|x - ref| = r) and a row's sum is below k; c' itself, <= 1 / r, overflows only for
+// subnormal distances.
+//
+// Taken from gmax rather than from w (ldreg_kernels._host.row_scale uses 2^e, w = m 2^e,
+// m in [0.5, 1)): for the LID's gradient the two agree up to a small power of two, so the
+// results are the same, but w alone fails any other upstream gradient at extreme scales:
+// with g = 2 r (the gradient of sum r^2) s ~ w makes g s ~ w^2, Inf at |x| ~ 1e20 in
+// float32 and 0 at 1e-25.
+template <typename T>
+LDREG_HOST_DEVICE inline T grad_row_scale(T gmax) {
+  constexpr int lim = sizeof(T) == sizeof(float) ? 126 : 1022;
+  if (!(gmax > 0) || !(gmax - gmax == 0)) return T(1);  // 0, NaN, Inf (x - x is NaN for Inf)
+  int e = 0;  // gmax = m 2^e, m in [0.5, 1): s = 2^-e
+  if constexpr (sizeof(T) == sizeof(float)) {
+    frexpf(gmax, &e);
+  } else {
+    frexp(gmax, &e);
+  }
+  e = e > lim ? lim : (e < -lim ? -lim : e);
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return ldexpf(1.0f, -e);
+  } else {
+    return ldexp(1.0, -e);
+  }
+}
+
+// One row of backward coefficients from the row's k distances r and upstream gradients g:
+// coef_c = (g_c s) / r_c, 0 where r_c == 0 (the subgradient torch.cdist uses: a coincident
+// neighbour has no direction), s = grad_row_scale(max |g_c| over r_c > 0). Returns 1 / s
+// (exact), the factor the row's sums are multiplied by: grad_x_i once, each grad_ref
+// contribution on its own.
+template <typename T>
+LDREG_HOST_DEVICE inline T backward_row_coef(const T* g, const T* r, int64_t k, T* coef) {
+  T gmax = 0;
+  for (int64_t c = 0; c < k; ++c) {
+    const T a = g[c] < 0 ? -g[c] : g[c];
+    gmax = r[c] > 0 && a > gmax ? a : gmax;
+  }
+  const T s = grad_row_scale<T>(gmax);
+  for (int64_t c = 0; c < k; ++c) coef[c] = r[c] > 0 ? (g[c] * s) / r[c] : T(0);
+  return T(1) / s;
+}
 
 // Zeroed gradient accumulators in dist's dtype: grad_x (B, D), and grad_ref (N, D) when
 // need_ref_grad (else undefined).

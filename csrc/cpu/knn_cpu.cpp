@@ -530,24 +530,27 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   });
 }
 
-// grad_x of one query row: g += sum_c coef_c (x - r_idx_c), neighbour by neighbour.
+// grad_x of one query row: g = (sum_c coef_c (x - r_idx_c)) * inv, neighbour by neighbour.
+// coef is scaled by the row's s and inv = 1 / s (grad_row_scale in knn.h): an exact power
+// of two, so the product is the division by s, done once per feature.
 template <typename scalar_t, typename acc_t>
-inline void grad_row(const scalar_t* xi, const scalar_t* rp, const int64_t* ip, const acc_t* coef, int64_t k,
-                     int64_t dim, acc_t* g) {
+inline void grad_row(const scalar_t* xi, const scalar_t* rp, const int64_t* ip, const acc_t* coef, acc_t inv,
+                     int64_t k, int64_t dim, acc_t* g) {
   for (int64_t c = 0; c < k; ++c) {
     const acc_t cf = coef[c];
     if (cf == 0) continue;
     const scalar_t* rj = rp + ip[c] * dim;
     for (int64_t d = 0; d < dim; ++d) g[d] += cf * (static_cast<acc_t>(xi[d]) - static_cast<acc_t>(rj[d]));
   }
+  for (int64_t d = 0; d < dim; ++d) g[d] *= inv;
 }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-void grad_row_f32(const float* xi, const float* rp, const int64_t* ip, const float* coef, int64_t k, int64_t dim,
-                  float* g) {
-  grad_row<float, float>(xi, rp, ip, coef, k, dim, g);
+void grad_row_f32(const float* xi, const float* rp, const int64_t* ip, const float* coef, float inv, int64_t k,
+                  int64_t dim, float* g) {
+  grad_row<float, float>(xi, rp, ip, coef, inv, k, dim, g);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -555,8 +558,14 @@ void backward_cpu_impl(const at::Tensor& grad_dist, const at::Tensor& x, const a
                        const at::Tensor& idx, const at::Tensor& dist, at::Tensor& gx,
                        at::Tensor* gref) {
   const int64_t b = x.size(0), k = idx.size(1), dim = x.size(1);
-  const at::Tensor coef_t = backward_coef(grad_dist, dist);
-  const acc_t* coef = coef_t.data_ptr<acc_t>();
+  // Scaled coefficients (g s) / r and 1 / s per row (backward_row_coef in knn.h).
+  const at::Tensor g_t = grad_dist.to(dist.scalar_type()).contiguous();
+  at::Tensor coef_t = at::empty({b, k}, dist.options());
+  at::Tensor inv_t = at::empty({b}, dist.options());
+  const acc_t* gp = g_t.const_data_ptr<acc_t>();
+  const acc_t* dp = dist.const_data_ptr<acc_t>();
+  acc_t* coef = coef_t.data_ptr<acc_t>();
+  acc_t* inv = inv_t.data_ptr<acc_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* rp = ref.data_ptr<scalar_t>();
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -564,26 +573,29 @@ void backward_cpu_impl(const at::Tensor& grad_dist, const at::Tensor& x, const a
 
   at::parallel_for(0, b, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
+      inv[i] = backward_row_coef<acc_t>(gp + i * k, dp + i * k, k, coef + i * k);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        grad_row_f32(xp + i * dim, rp, ip + i * k, coef + i * k, k, dim, gxp + i * dim);
+        grad_row_f32(xp + i * dim, rp, ip + i * k, coef + i * k, inv[i], k, dim, gxp + i * dim);
       } else {
-        grad_row<scalar_t, acc_t>(xp + i * dim, rp, ip + i * k, coef + i * k, k, dim, gxp + i * dim);
+        grad_row<scalar_t, acc_t>(xp + i * dim, rp, ip + i * k, coef + i * k, inv[i], k, dim, gxp + i * dim);
       }
     }
   });
   if (gref == nullptr) return;
   acc_t* grp = gref->data_ptr<acc_t>();
   // Each thread owns a block of feature columns of grad_ref: no races, fixed sum order.
+  // Each contribution is (coef (x_i - ref_j)) / s_i, as (...) * inv_i (exact, see grad_row).
   at::parallel_for(0, dim, 16, [&](int64_t d0, int64_t d1) {
     for (int64_t i = 0; i < b; ++i) {
       const scalar_t* xi = xp + i * dim;
+      const acc_t iv = inv[i];
       for (int64_t c = 0; c < k; ++c) {
         const acc_t cf = coef[i * k + c];
         if (cf == 0) continue;
         const int64_t j = ip[i * k + c];
         const scalar_t* rj = rp + j * dim;
         acc_t* g = grp + j * dim;
-        for (int64_t d = d0; d < d1; ++d) g[d] -= cf * (static_cast<acc_t>(xi[d]) - static_cast<acc_t>(rj[d]));
+        for (int64_t d = d0; d < d1; ++d) g[d] -= (cf * (static_cast<acc_t>(xi[d]) - static_cast<acc_t>(rj[d]))) * iv;
       }
     }
   });

@@ -24,7 +24,9 @@
 //      squared distance, c = certificate_coef(D, eps of the accumulation, 2^-10 when TF32 is
 //      allowed for cuBLAS). Those rows are redone by redo_exhaustive (ATen, direct
 //      differences against every reference row, streamed in bounded blocks).
-// Backward: one block per query row, threads over features; grad_x_i in a register per
+// Backward: backward_coef_kernel, one thread per query row, forms the row's coefficients
+// (g s) / r and 1 / s, s a power of two from the row's largest |g| (grad_row_scale in
+// knn.h: g / r itself overflows or underflows at extreme feature scales). Then one block per query row, threads over features; grad_x_i in a register per
 // feature (fixed order: deterministic); grad_ref by atomicAdd into an fp32/fp64 buffer
 // (relaxed, run-to-run order varies). Under torch.use_deterministic_algorithms(True)
 // grad_ref is a sorted segment reduction instead: the (query, neighbour) pairs are sorted by
@@ -293,15 +295,28 @@ rerank_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ ref, 
   }
 }
 
-// One block per query row, threads over features.
+// One thread per query row: the row's scaled coefficients (g s) / r and 1 / s
+// (backward_row_coef in knn.h). k is small next to D, and this is O(B k) of the work.
+template <typename acc_t>
+__global__ void backward_coef_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ dist, int64_t b,
+                                     int64_t k, acc_t* __restrict__ coef, acc_t* __restrict__ inv) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= b) return;
+  inv[row] = backward_row_coef<acc_t>(grad + row * k, dist + row * k, k, coef + row * k);
+}
+
+// One block per query row, threads over features. coef is scaled by the row's s and
+// inv = 1 / s, an exact power of two: multiplying by it is the division by s, applied to
+// the row's sum (grad_x) and to each grad_ref contribution.
 template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(const acc_t* __restrict__ coef, const scalar_t* __restrict__ x,
-                                const scalar_t* __restrict__ ref, const int64_t* __restrict__ idx,
-                                int64_t k, int64_t dim, int64_t n, acc_t* __restrict__ gx,
-                                acc_t* __restrict__ gref) {
+__global__ void backward_kernel(const acc_t* __restrict__ coef, const acc_t* __restrict__ inv,
+                                const scalar_t* __restrict__ x, const scalar_t* __restrict__ ref,
+                                const int64_t* __restrict__ idx, int64_t k, int64_t dim, int64_t n,
+                                acc_t* __restrict__ gx, acc_t* __restrict__ gref) {
   const int64_t row = blockIdx.x;
   const acc_t* cr = coef + row * k;
   const int64_t* ir = idx + row * k;
+  const acc_t iv = inv[row];
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     const acc_t xd = static_cast<acc_t>(x[row * dim + d]);
     acc_t acc = 0;
@@ -312,9 +327,9 @@ __global__ void backward_kernel(const acc_t* __restrict__ coef, const scalar_t* 
       CUDA_KERNEL_ASSERT(j >= 0 && j < n);
       const acc_t v = cf * (xd - static_cast<acc_t>(ref[j * dim + d]));
       acc += v;
-      if (gref != nullptr) atomicAdd(gref + j * dim + d, -v);
+      if (gref != nullptr) atomicAdd(gref + j * dim + d, -(v * iv));
     }
-    gx[row * dim + d] = acc;
+    gx[row * dim + d] = acc * iv;
   }
 }
 
@@ -322,8 +337,8 @@ __global__ void backward_kernel(const acc_t* __restrict__ coef, const scalar_t* 
 // pairs order[start[j] .. start[j + 1]) (flat indices i * k + c into idx, sorted by (j, i))
 // are summed in that order. The terms are the same expressions as backward_kernel's.
 template <typename scalar_t, typename acc_t>
-__global__ void backward_ref_sorted_kernel(const acc_t* __restrict__ coef, const scalar_t* __restrict__ x,
-                                           const scalar_t* __restrict__ ref,
+__global__ void backward_ref_sorted_kernel(const acc_t* __restrict__ coef, const acc_t* __restrict__ inv,
+                                           const scalar_t* __restrict__ x, const scalar_t* __restrict__ ref,
                                            const int64_t* __restrict__ order,
                                            const int64_t* __restrict__ start, int64_t k, int64_t dim,
                                            acc_t* __restrict__ gref) {
@@ -336,7 +351,8 @@ __global__ void backward_ref_sorted_kernel(const acc_t* __restrict__ coef, const
       const int64_t e = order[p];
       const acc_t cf = coef[e];
       if (cf == 0) continue;
-      acc += cf * (static_cast<acc_t>(x[(e / k) * dim + d]) - rd);
+      const int64_t i = e / k;
+      acc += (cf * (static_cast<acc_t>(x[i * dim + d]) - rd)) * inv[i];
     }
     gref[j * dim + d] = -acc;
   }
@@ -465,7 +481,9 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cuda(const at::Tensor& grad_dist
   const at::Tensor x = x_.contiguous(), ref = ref_.contiguous(), idx = idx_.contiguous();
   const at::Tensor dist = dist_.contiguous();
   const int64_t b = x.size(0), dim = x.size(1), k = idx.size(1), n = ref.size(0);
-  const at::Tensor coef = backward_coef(grad_dist, dist);
+  const at::Tensor grad = grad_dist.to(dist.scalar_type()).contiguous();
+  const at::Tensor coef = at::empty({b, k}, dist.options());
+  const at::Tensor inv = at::empty({b}, dist.options());
   at::Tensor gx, gref;
   std::tie(gx, gref) = zero_grad_buffers(x, ref, dist, need_ref_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_backward_cuda", [&] {
@@ -477,8 +495,13 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cuda(const at::Tensor& grad_dist
     if (b > 0 && dim > 0) {
       const int threads = static_cast<int>(std::clamp<int64_t>(next_pow2(dim), 32, 256));
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+      constexpr int kCoefThreads = 256;
+      backward_coef_kernel<acc_t><<<static_cast<unsigned>((b + kCoefThreads - 1) / kCoefThreads), kCoefThreads, 0,
+                                    stream>>>(grad.data_ptr<acc_t>(), dist.data_ptr<acc_t>(), b, k,
+                                              coef.data_ptr<acc_t>(), inv.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       backward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(b), threads, 0, stream>>>(
-          coef.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
+          coef.data_ptr<acc_t>(), inv.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
           idx.data_ptr<int64_t>(), k, dim, n, gx.data_ptr<acc_t>(),
           need_ref_grad && !sorted_ref ? gref.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -491,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cuda(const at::Tensor& grad_dist
         const at::Tensor order = std::get<1>(sorted).contiguous();
         const at::Tensor start = at::searchsorted(std::get<0>(sorted), at::arange(n + 1, idx.options())).contiguous();
         backward_ref_sorted_kernel<scalar_t, acc_t><<<static_cast<unsigned>(n), threads, 0, stream>>>(
-            coef.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
+            coef.data_ptr<acc_t>(), inv.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
             order.data_ptr<int64_t>(), start.data_ptr<int64_t>(), k, dim, gref.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
