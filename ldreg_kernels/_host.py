@@ -141,17 +141,21 @@ def first_rows(mask: Tensor, count: int) -> Tensor:
     return torch.argsort(mask.to(torch.int8), descending=True, stable=True)[:count]
 
 
-def row_scale(dist: Tensor) -> Tensor:
-    """(B, 1): for each row of kNN distances, the power of two 2^e with w = m 2^e,
-    m in [0.5, 1), w its largest distance (1 where w is 0).
+def row_scale(grad: Tensor) -> Tensor:
+    """(B, 1): for each row of a kNN backward's incoming gradient, the power of two s with
+    max_j |g_ij| s in [0.5, 1) (1 for a zero row), clamped to 2^+-126 (float32) / 2^+-1022
+    (float64) so that s and 1 / s are exact normal numbers. Same as ``grad_row_scale`` in
+    csrc/knn.h.
 
-    The backward's coefficients g / r leave the dtype's range at extreme feature scales,
-    where the LID's gradient g goes like 1 / w: at w ~ 1e-20 in float32 g / r ~ 1e40
-    (overflow), at w ~ 1e30, 1e-60 (underflow to 0). Taken as (g s) / r, which is ~1 / w
-    times a ratio, and divided by s after the sum, they stay in range; a power of two
-    scales exactly (w / m is exact)."""
-    w = dist.amax(dim=1, keepdim=True)
-    return (w / torch.frexp(w).mantissa).nan_to_num_(nan=1.0)
+    The coefficients g / r leave the dtype's range at extreme feature scales: the LID's
+    gradient goes like 1 / w (at w ~ 1e-20 in float32, g / r ~ 1e40 overflows; at 1e30,
+    1e-60 flushes to 0), a loss on the distances themselves like w. Taken as (g s) / r, each
+    term of a row's sum is at most 1 in size, and the sum is divided by s after: in range
+    at any scale the forward accepts, exact where nothing overflowed."""
+    g = grad.abs().amax(dim=1, keepdim=True)
+    lim = 1022 if g.dtype == torch.float64 else 126
+    s = (torch.frexp(g).mantissa / g).nan_to_num_(nan=1.0)  # 2^-e for g = m 2^e; 0 / 0 -> 1
+    return s.clamp_(2.0**-lim, 2.0**lim)
 
 
 def round_to_tf32(t: Tensor) -> Tensor:

@@ -150,8 +150,8 @@ def knn_backward(
     ``sum(c) x_i - sum(c ref_j)``, which cancels badly for near-duplicate neighbours. The
     differences are gathered in chunks of the device's budget into one buffer reused in
     place, and each row's sum is one batched matmul; no host sync. The coefficients are
-    taken relative to each row's scale (``_host.row_scale``), so tiny features do not
-    overflow them.
+    taken relative to each row's gradient scale (``_host.row_scale``), so extreme feature
+    scales neither overflow nor flush them.
     """
     ct = dist.dtype
     b, k = idx.shape
@@ -160,9 +160,12 @@ def knn_backward(
     gref = torch.zeros(ref.shape, dtype=ct, device=x.device) if need_ref_grad else None
     if gx.numel() == 0 or k == 0:
         return gx.zero_().to(x.dtype), None if gref is None else gref.to(ref.dtype)
-    s = _host.row_scale(dist)
-    # s g / r, and 0 (r itself) where r = 0
-    coef = torch.where(dist.bool(), (_host.as_dtype(grad_dist, ct) * s).div_(dist), dist)
+    g = _host.as_dtype(grad_dist, ct)
+    s = _host.row_scale(g)
+    # s g / r. r = 0 means x_i == ref_j (distances are direct differences): the floor keeps
+    # the coefficient finite (|s g| <= 1), and it multiplies x_i - ref_j = 0: the zero
+    # subgradient, without a mask and a where.
+    coef = (g * s).div_(dist.clamp_min(torch.finfo(ct).tiny))
     rc, x3, flat = _host.as_dtype(ref, ct), _host.as_dtype(x, ct).unsqueeze(1), idx.reshape(-1)
     c3, gx3, s3 = coef.unsqueeze(1), gx.unsqueeze(1), s.unsqueeze(2)
     step = _host.row_chunk(b, k * d, _budget.budget(x.device).gather)

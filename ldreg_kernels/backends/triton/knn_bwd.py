@@ -10,7 +10,8 @@ the subgradient torch.cdist and the torch backend use)::
 Direct differences, never ``sum(c) x_i - sum(c ref_j)``. Accumulated in the distances'
 dtype (fp32, fp64 for fp64 input) and cast back to the input dtype, as the torch backend does.
 c_ij is formed as (s_i g_ij) / r_ij and the sums divided by s_i, s_i the power of two of row
-i's scale (``_host.row_scale``), so that tiny or huge features neither overflow nor flush it.
+i's gradient scale (``_host.row_scale``), so that tiny or huge features neither overflow nor
+flush it.
 
 grad_x sums each row's k terms in a fixed order: deterministic. grad_ref, by default, is
 scattered with float atomic adds (relaxed ordering: only the sum matters, no other memory
@@ -54,7 +55,7 @@ def _knn_bwd_kernel(
     dmask = dd < D
     m2 = rmask[:, None] & dmask[None, :]
     xi = tl.load(X + rows64[:, None] * stride_x + dd[None, :], mask=m2, other=0.0).to(GX.dtype.element_ty)
-    s = tl.load(WS + rows64, mask=rmask, other=1.0)  # the row's scale (_host.row_scale)
+    s = tl.load(WS + rows64, mask=rmask, other=1.0)  # the row's gradient scale (_host.row_scale)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=GX.dtype.element_ty)
     for j in range(0, K):
         nb = tl.load(IDX + rows64 * K + j, mask=rmask, other=0)
@@ -148,7 +149,7 @@ def knn_backward(
         block_m, block_d = 16, max(16, min(128, triton.next_power_of_2(d)))
         grid = (triton.cdiv(b, block_m), triton.cdiv(d, block_d))
         atomic_ref = need_ref_grad and not sorted_ref
-        ws = _host.row_scale(dist).reshape(-1)
+        ws = _host.row_scale(grad_dist.to(ct)).reshape(-1)
         _knn_bwd_kernel[grid](
             grad_dist, x, ref, idx, dist, ws, gx,
             gref if atomic_ref else gx, b, d, k, x.stride(0), ref.stride(0),
