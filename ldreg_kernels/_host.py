@@ -292,12 +292,14 @@ def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tens
 
 
 def extremes(x: Tensor, ref: Tensor) -> Tensor:
-    """(4,) float64 on the device: min x, max x, min ref, max ref, without a host sync.
+    """(4,) on the device: min x, max x, min ref, max ref, without a host sync; float32 or
+    float64 (half inputs widened, so that a row count read beside them stays exact).
 
     ``aminmax`` propagates NaN and an Inf is its own extreme, so these four values also tell
     whether the inputs are finite (:func:`window_scale`), without a boolean copy of a large
     ``ref``."""
-    return torch.stack([*torch.aminmax(x), *torch.aminmax(ref)]).to(torch.float64)
+    ext = torch.stack([*torch.aminmax(x), *torch.aminmax(ref)])
+    return ext if ext.dtype in (torch.float32, torch.float64) else ext.float()
 
 
 def window_scale(ext: list[float], arith: torch.dtype) -> tuple[float, float]:

@@ -162,10 +162,8 @@ def knn_backward(
         return gx.zero_().to(x.dtype), None if gref is None else gref.to(ref.dtype)
     g = _host.as_dtype(grad_dist, ct)
     s = _host.row_scale(g)
-    # s g / r. r = 0 means x_i == ref_j (distances are direct differences): the floor keeps
-    # the coefficient finite (|s g| <= 1), and it multiplies x_i - ref_j = 0: the zero
-    # subgradient, without a mask and a where.
-    coef = (g * s).div_(dist.clamp_min(torch.finfo(ct).tiny))
+    # s g / r, and 0 (r itself) where r = 0: the zero subgradient, whatever x_i - ref_j
+    coef = torch.where(dist.bool(), (g * s).div_(dist), dist)
     rc, x3, flat = _host.as_dtype(ref, ct), _host.as_dtype(x, ct).unsqueeze(1), idx.reshape(-1)
     c3, gx3, s3 = coef.unsqueeze(1), gx.unsqueeze(1), s.unsqueeze(2)
     step = _host.row_chunk(b, k * d, _budget.budget(x.device).gather)
