@@ -319,6 +319,17 @@ def window_scale(ext: list[float], arith: torch.dtype) -> tuple[float, float]:
     return math.ldexp(1.0, 1 - math.frexp(m)[1]), m
 
 
+def read_checks(ext: Tensor, redo: Tensor | None, arith: torch.dtype) -> tuple[float, float, int]:
+    """The one host sync of a forward: the inputs' :func:`extremes` and the number of rows
+    in ``redo`` (the certificate's mask; None: none), read together.
+
+    Returns (scale, m, n_redo): :func:`window_scale` for ``arith`` (ValueError for NaN/Inf)
+    and the count."""
+    host = torch.cat([ext] if redo is None else [ext, redo.sum(dtype=ext.dtype).view(1)]).tolist()
+    scale, m = window_scale(host[:4], arith)
+    return scale, m, 0 if redo is None else int(host[4])
+
+
 def range_scale(x: Tensor, ref: Tensor, arith: torch.dtype) -> tuple[float, float]:
     """(scale, m): :func:`window_scale` of the inputs' :func:`extremes`, one host sync.
 

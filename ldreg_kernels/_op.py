@@ -161,12 +161,10 @@ def define_backward_op(name: str, impl: BackwardImpl, device_types=None):
 
 
 def define_knn_op(
-    name: str, impl: KnnImpl, backward_op, device_types=None, fp32_selection: bool = False,
-    checks_input: bool = False,
+    name: str, impl: KnnImpl, backward_op, device_types=None, checks_input: bool = False,
 ):
     """Define ``ldreg::knn_<name>`` from ``impl``, with the NaN/Inf check and range scaling
-    (``_host.range_scale``; ``fp32_selection``: the backend selects float64 input in fp32,
-    so scale it into fp32's window), the fake kernel, the autocast rule and an autograd
+    (``_host.range_scale``, in the compute dtype's window), the fake kernel, the autocast rule and an autograd
     that runs ``backward_op`` (this backend's own backward).
 
     ``checks_input``: ``impl`` does the NaN/Inf check and range scaling itself (so that it
@@ -175,8 +173,7 @@ def define_knn_op(
     def forward(x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
         if checks_input:
             return impl(x.contiguous(), ref.contiguous(), k, self_offset, exclude_self)
-        arith = torch.float32 if fp32_selection else compute_dtype(x.dtype)
-        scale, max_abs = range_scale(x, ref, arith)
+        scale, max_abs = range_scale(x, ref, compute_dtype(x.dtype))
         if scale != 1.0:
             x, ref = x * scale, ref * scale
         dist, idx = impl(x.contiguous(), ref.contiguous(), k, self_offset, exclude_self)

@@ -62,13 +62,10 @@ def knn_forward(
     ct = _host.compute_dtype(x.dtype)
     ext = _host.extremes(x, ref)
     dist, idx, redo = _select_and_rerank(x, ref, k, self_offset, exclude_self, margin, precision)
-    parts = [ext] if redo is None else [ext, redo.sum(dtype=ext.dtype).view(1)]
-    host = torch.cat(parts).tolist()  # the one sync
-    scale, max_abs = _host.window_scale(host[:4], ct)
+    scale, max_abs, n_redo = _host.read_checks(ext, redo, ct)  # the one sync
     if scale != 1.0:
         d, i = knn_forward(x * scale, ref * scale, k, self_offset, exclude_self, margin, precision)
         return _host.unscale(d, scale, max_abs), i
-    n_redo = int(host[4]) if redo is not None else 0
     if n_redo:
         rows = _host.first_rows(redo, n_redo)
         d2, i2 = _host.exhaustive(x[rows], ref, k, rows + self_offset if exclude_self else None)

@@ -376,12 +376,10 @@ def knn_forward(
     ext = _host.extremes(x, ref)
     q = _Queries.of(x, ref, self_offset if exclude_self else None)
     dist, idx, redo = _select_and_rerank(q, None, k, plan, n_valid, precision)
-    host = torch.cat([ext] if redo is None else [ext, redo.sum(dtype=ext.dtype).view(1)]).tolist()  # the one sync
-    scale, max_abs = _host.window_scale(host[:4], torch.float32)
+    scale, max_abs, n_redo = _host.read_checks(ext, redo, torch.float32)  # the one sync
     if scale != 1.0:
         d, i = knn_forward(x * scale, ref * scale, k, self_offset, exclude_self, precision, margin)
         return _host.unscale(d, scale, max_abs), i
-    n_redo = int(host[4]) if redo is not None else 0
     if n_redo:
         _redo(q, _host.first_rows(redo, n_redo), dist, idx, k, plan, n_valid, precision)
     return dist, idx
