@@ -2,8 +2,8 @@
 128 query rows x 1024 columns, a per-row threshold that only drops, and the skipped exact
 distances of the re-rank. Each case pushes one of those paths and checks against the float64
 oracle, and that the thread count changes nothing. Float scores come from the packed-panel
-kernel (csrc/cpu/score_tile.h) on AVX2+FMA CPUs; LDREG_CPU_BLAS_SCORES=1 selects the BLAS
-path, and the two must agree bit for bit.
+kernels (csrc/cpu/score_tile.h: AVX2 or AVX-512) or BLAS, whichever csrc/cpu/score_choice.h
+measured fastest at that dimension; LDREG_CPU_SCORES forces one, and all must agree bit for bit.
 """
 
 import pytest
@@ -76,38 +76,80 @@ def test_thread_count_changes_nothing():
     assert torch.equal(i1, i2) and torch.equal(d1, d2)
 
 
-def _avx2_fma() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return set()
 
 
-@pytest.mark.skipif(not _avx2_fma(), reason="the packed-panel score kernel needs AVX2 and FMA")
+# Which forced kernels this CPU runs (the C++ side checks the same with __builtin_cpu_supports).
+_FLAGS = _cpu_flags()
+_RUNS = {"blas": True, "avx2": {"avx2", "fma"} <= _FLAGS, "avx512": "avx512f" in _FLAGS}
+
+
 @pytest.mark.parametrize(
     "b, n, d, k, dtype, exclude_self",
     [
-        (131, 40000, 64, 16, torch.float32, False),  # three reference chunks, ragged 6-row group and 16-column panel
+        (131, 40000, 64, 16, torch.float32, False),  # three reference chunks, ragged 6-row group and 16/32-column panel
         (257, 9000, 256, 64, torch.float32, True),  # self rows inside later column blocks
         (40, 3000, 8, 1100, torch.float32, True),  # m > 1024: later blocks filter against an infinite threshold
         (64, 5003, 33, 9, torch.bfloat16, False),  # bf16 input scores in float
         (100, 2500, 17, 5, torch.float16, True),
+        (7, 1040, 5, 3, torch.float32, True),  # one ragged group; the last panel holds 16 of 32 columns
+        (300, 5000, 128, 300, torch.float32, False),  # large k: whole panels pass, the buffer shrinks often
     ],
 )
-def test_panel_kernel_equals_blas_path(monkeypatch, b, n, d, k, dtype, exclude_self):
-    """Both score paths hand the exact re-rank a candidate set holding the true k nearest, so
-    the answers are identical; and both equal the float64 oracle."""
+def test_every_score_kernel_gives_the_same_answer(monkeypatch, b, n, d, k, dtype, exclude_self):
+    """Every score kernel hands the exact re-rank a candidate set holding the true k nearest,
+    so the answers are identical; and they equal the float64 oracle."""
+    kernels = [kn for kn, ok in _RUNS.items() if ok]
+    if len(kernels) < 2:
+        pytest.skip(f"this CPU runs only {kernels}")
     g = generator("cpu-panels", b, n, d, k)
     ref = features(n, d, g, dtype)
     off = int(torch.randint(0, n - b + 1, (), generator=g)) if exclude_self else 0
     x = ref[off : off + b] if exclude_self else features(b, d, g, dtype)
     got = {}
-    for env in ("1", "0"):
-        monkeypatch.setenv("LDREG_CPU_BLAS_SCORES", env)
-        got[env] = L.knn(x, ref, k, exclude_self=exclude_self, self_offset=off, backend="cpu")
-    assert torch.equal(got["1"][0], got["0"][0]) and torch.equal(got["1"][1], got["0"][1])
-    dist, idx = got["0"]
+    for kn in kernels:
+        monkeypatch.setenv("LDREG_CPU_SCORES", kn)
+        assert torch.ops.ldreg.cpu_score_kernel(d).startswith(kn + ":")
+        got[kn] = L.knn(x, ref, k, exclude_self=exclude_self, self_offset=off, backend="cpu")
+    dist, idx = got["blas"]
+    for kn in kernels[1:]:
+        assert torch.equal(got[kn][0], dist) and torch.equal(got[kn][1], idx), kn
     checked = assert_knn_matches(dist, idx, x.float(), ref.float(), k, exclude_self=exclude_self, self_offset=off)
     assert checked > 0.5
+
+
+def test_the_old_switch_still_means_blas(monkeypatch):
+    monkeypatch.delenv("LDREG_CPU_SCORES", raising=False)
+    monkeypatch.setenv("LDREG_CPU_BLAS_SCORES", "1")
+    assert torch.ops.ldreg.cpu_score_kernel(40).startswith("blas: forced")
+
+
+def test_auto_measures_once_per_dimension(monkeypatch):
+    """auto: the choice is one this CPU runs, stated with the measured times, and cached (the
+    second call returns the same text, times included)."""
+    monkeypatch.delenv("LDREG_CPU_SCORES", raising=False)
+    monkeypatch.delenv("LDREG_CPU_BLAS_SCORES", raising=False)
+    first = torch.ops.ldreg.cpu_score_kernel(72)
+    kernel, why = first.split(": ", 1)
+    assert _RUNS[kernel]
+    if sum(_RUNS.values()) > 1:
+        assert why.startswith("measured at D=72") and all(f" {kn} " in why for kn, ok in _RUNS.items() if ok)
+    assert torch.ops.ldreg.cpu_score_kernel(72) == first
+
+
+def test_a_bad_or_unrunnable_forced_kernel_is_refused(monkeypatch):
+    monkeypatch.setenv("LDREG_CPU_SCORES", "fast")
+    with pytest.raises(ValueError, match="LDREG_CPU_SCORES must be auto, blas, avx2 or avx512, got 'fast'"):
+        L.knn(torch.randn(20, 4), k=3, backend="cpu")
+    missing = [kn for kn, ok in _RUNS.items() if not ok]
+    if missing:
+        monkeypatch.setenv("LDREG_CPU_SCORES", missing[0])
+        with pytest.raises(ValueError, match=f"LDREG_CPU_SCORES={missing[0]}: this CPU lacks"):
+            L.knn(torch.randn(20, 4), k=3, backend="cpu")
+    with pytest.raises(ValueError, match="dim must be positive"):
+        torch.ops.ldreg.cpu_score_kernel(0)

@@ -37,6 +37,7 @@
 
 #include "../knn.h"
 #include "rerank.h"
+#include "score_choice.h"
 #include "score_tile.h"
 
 namespace ldreg {
@@ -193,10 +194,12 @@ void exhaustive_row(const scalar_t* xr, const scalar_t* rp, int64_t n, int64_t d
 // beat 32 x 2048, 64 x 1024 and 128 x 512 there, 1 thread, at D=128/256/512), which the same
 // thread filters at once. The reference is centred a chunk at a time (about kChunkBytes), once per
 // call, so every query block reads it from L3 and a big bank is streamed from memory once.
-constexpr int64_t kRowsMax = 128;
-constexpr int64_t kCols = 1024;
+using score_choice::kCols;
+using score_choice::kRowsMax;
 constexpr int64_t kChunkBytes = int64_t{4} << 20;
 constexpr int64_t kAnyBlock = 16;
+// The most candidates one insert_passing call adds: the widest tile panel (Avx512Tiles).
+constexpr int64_t kMaxPanel = 32;
 
 // Whether any of the kAnyBlock values at p is <= t: one vector compare (GCC vector
 // extensions; plain SSE2 in the default clone, AVX2 in the avx2 one).
@@ -319,7 +322,7 @@ void rerank_by_keys(const Cand<float>* h, int64_t cnt, int64_t k, const scalar_t
 }
 
 #ifdef LDREG_X86_AVX2
-// Candidate buffer insertion for one row of a 16-column panel whose passing columns are the
+// Candidate buffer insertion for one row of a tile panel (up to kMaxPanel columns) whose passing columns are the
 // bits of `mask` (scores already in s): the same rule as filter_row_impl's compaction.
 inline void insert_passing(uint32_t mask, const float* s, int64_t col0, int64_t own, int64_t m, int64_t cap,
                            float& t, Cand<float>* c, int64_t& cnt) {
@@ -329,24 +332,25 @@ inline void insert_passing(uint32_t mask, const float* s, int64_t col0, int64_t 
     const int64_t j = col0 + l;
     if (j != own) c[cnt++] = {s[l], static_cast<int32_t>(j)};
   }
-  if (cnt >= cap - kAnyBlock) shrink_to_m(c, cnt, m, t);
+  if (cnt >= cap - kMaxPanel) shrink_to_m(c, cnt, m, t);
 }
-#endif
 
 // One reference chunk (cn centred rows rc, norms sqr, first global row c0) against every
-// query block, with the packed-panel kernel (score_tile.h) instead of BLAS. Each thread's
+// query block, with the register-tile kernel K (score_tile.h) instead of BLAS. Each thread's
 // first block of columns is written out and filtered as in the BLAS path (its histogram
-// sets the row's threshold); every later 6 x 16 tile is filtered straight from L1, so the
-// score block never round-trips through memory. own_offset < 0: no self exclusion.
+// sets the row's threshold); every later tile is filtered straight from L1, so the score
+// block never round-trips through memory. own_offset < 0: no self exclusion.
+template <typename K>
 void scores_by_tiles(const float* xsp, int64_t b, int64_t dim, int64_t qrows, int64_t nqb, const float* rc,
                      const float* sqr, int64_t c0, int64_t cn, int64_t own_offset, int64_t m, int64_t cap,
                      float* thr, int64_t* count, Cand<float>* buf) {
-#ifdef LDREG_X86_AVX2
-  using score_tile::kGroup;
-  using score_tile::kPanel;
+  constexpr int64_t kGroup = K::kGroup, kPanel = K::kPanel;
+  static_assert(kPanel <= kMaxPanel, "insert_passing's buffer headroom is kMaxPanel candidates");
   const int64_t np = (cn + kPanel - 1) / kPanel;
   std::unique_ptr<float[]> packed(new float[static_cast<size_t>(np * kPanel * dim)]);
-  at::parallel_for(0, np, 16, [&](int64_t p0, int64_t p1) { score_tile::pack_panels(rc, cn, dim, p0, p1, packed.get()); });
+  at::parallel_for(0, np, 16, [&](int64_t p0, int64_t p1) {
+    score_tile::pack_panels<kPanel>(rc, cn, dim, p0, p1, packed.get());
+  });
   // Norms padded to whole panels with +inf: a padded column never passes a finite threshold
   // (and the valid-column mask covers an infinite one).
   std::vector<float> sqr_pad(static_cast<size_t>(np * kPanel), std::numeric_limits<float>::infinity());
@@ -354,30 +358,35 @@ void scores_by_tiles(const float* xsp, int64_t b, int64_t dim, int64_t qrows, in
 
   at::parallel_for(0, nqb, 1, [&](int64_t qb0, int64_t qb1) {
     std::vector<float> tile(static_cast<size_t>((qrows + kGroup) * kCols));
-    alignas(32) float small[kGroup * kPanel];
+    alignas(64) float small[kGroup * kPanel];
     for (int64_t qb = qb0; qb < qb1; ++qb) {
       const int64_t r0 = qb * qrows, rn = std::min(qrows, b - r0);
       const int64_t ng = (rn + kGroup - 1) / kGroup;
       for (int64_t j0 = 0; j0 < cn; j0 += kCols) {
         const int64_t jn = std::min(kCols, cn - j0);
-        const bool first = c0 == 0 && j0 == 0;
+        if (c0 == 0 && j0 == 0) {
+          score_choice::tile_block<K>(xsp + r0 * dim, rn, dim, packed.get() + (j0 / kPanel) * dim * kPanel, jn,
+                                      tile.data(), kCols);
+          for (int64_t r = 0; r < rn; ++r) {
+            const int64_t row = r0 + r;
+            filter_row<float>(tile.data() + r * kCols, sqr + j0, jn, c0 + j0, own_offset >= 0 ? row + own_offset : -1,
+                              m, cap, thr[row], buf + row * cap, count[row]);
+          }
+          continue;
+        }
         for (int64_t p = 0; p < (jn + kPanel - 1) / kPanel; ++p) {
           const int64_t col = j0 + p * kPanel;  // within the chunk
           const float* bp = packed.get() + (col / kPanel) * dim * kPanel;
-          const uint32_t valid = cn - col >= kPanel ? 0xFFFFu : (1u << (cn - col)) - 1;
+          const uint32_t valid = cn - col >= kPanel ? ~0u >> (32 - kPanel) : (1u << (cn - col)) - 1;
           for (int64_t g = 0; g < ng; ++g) {
             const int64_t gr = std::min(kGroup, rn - g * kGroup);
             const float* a[kGroup];
             for (int64_t i = 0; i < kGroup; ++i) a[i] = xsp + (r0 + g * kGroup + std::min(i, gr - 1)) * dim;
-            if (first) {
-              score_tile::tile6x16(a, bp, dim, tile.data() + g * kGroup * kCols + p * kPanel, kCols);
-              continue;
-            }
-            score_tile::tile6x16(a, bp, dim, small, kPanel);
+            K::tile(a, bp, dim, small, kPanel);
             for (int64_t i = 0; i < gr; ++i) {
               const int64_t row = r0 + g * kGroup + i;
               float* s = small + i * kPanel;
-              const uint32_t mask = score_tile::scores_le(s, sqr_pad.data() + col, thr[row]) & valid;
+              const uint32_t mask = K::scores_le(s, sqr_pad.data() + col, thr[row]) & valid;
               if (mask != 0) {
                 insert_passing(mask, s, c0 + col, own_offset >= 0 ? row + own_offset : -1, m, cap, thr[row],
                                buf + row * cap, count[row]);
@@ -385,18 +394,11 @@ void scores_by_tiles(const float* xsp, int64_t b, int64_t dim, int64_t qrows, in
             }
           }
         }
-        if (first) {
-          for (int64_t r = 0; r < rn; ++r) {
-            const int64_t row = r0 + r;
-            filter_row<float>(tile.data() + r * kCols, sqr + j0, jn, c0 + j0, own_offset >= 0 ? row + own_offset : -1,
-                              m, cap, thr[row], buf + row * cap, count[row]);
-          }
-        }
       }
     }
   });
-#endif
 }
+#endif
 
 template <typename scalar_t, typename acc_t>
 void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t self_offset,
@@ -421,14 +423,14 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   // Per row: a buffer of up to 2m candidates below the row's threshold (plus a block of
   // slack for the compaction's writes); when it fills, an nth_element keeps the m smallest
   // and the threshold drops to the m-th score.
-  const int64_t cap = 4 * m + kAnyBlock;
+  const int64_t cap = 4 * m + std::max(kAnyBlock, kMaxPanel);
   std::unique_ptr<Cand<acc_t>[]> buf(new Cand<acc_t>[static_cast<size_t>(b * cap)]);  // no zero fill
   std::vector<int64_t> count(static_cast<size_t>(b), 0);
   std::vector<acc_t> thr(static_cast<size_t>(b), std::numeric_limits<acc_t>::infinity());
   acc_t max_sqr = 0;
 
-  bool tiles = false;
-  if constexpr (std::is_same_v<acc_t, float>) tiles = score_tile::usable();
+  score_choice::Kernel kernel = score_choice::Kernel::kBlas;
+  if constexpr (std::is_same_v<acc_t, float>) kernel = score_choice::choose(dim).kernel;
 
   for (int64_t c0 = 0; c0 < n; c0 += chunk) {
     const int64_t cn = std::min(chunk, n - c0);
@@ -436,13 +438,17 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
     const at::Tensor sqr_t = (rc * rc).sum(1);
     max_sqr = std::max(max_sqr, sqr_t.max().template item<acc_t>());
     const acc_t* sqr = sqr_t.data_ptr<acc_t>();
+#ifdef LDREG_X86_AVX2
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (tiles) {
-        scores_by_tiles(xsp, b, dim, qrows, nqb, rc.data_ptr<float>(), sqr, c0, cn, exclude_self ? self_offset : -1,
-                        m, cap, thr.data(), count.data(), buf.get());
+      if (kernel != score_choice::Kernel::kBlas) {
+        const auto run = kernel == score_choice::Kernel::kAvx512 ? &scores_by_tiles<score_tile::Avx512Tiles>
+                                                                  : &scores_by_tiles<score_tile::Avx2Tiles>;
+        run(xsp, b, dim, qrows, nqb, rc.data_ptr<float>(), sqr, c0, cn, exclude_self ? self_offset : -1, m, cap,
+            thr.data(), count.data(), buf.get());
         continue;
       }
     }
+#endif
     at::parallel_for(0, nqb, 1, [&](int64_t qb0, int64_t qb1) {
       std::vector<acc_t> tile(static_cast<size_t>(qrows * kCols));
       const auto topt = at::TensorOptions().dtype(ct);
@@ -649,4 +655,14 @@ std::tuple<at::Tensor, at::Tensor> knn_backward_cpu(const at::Tensor& grad_dist,
 TORCH_LIBRARY_IMPL(ldreg, CPU, m) {
   m.impl("knn_native", &ldreg::knn_cpu);
   m.impl("knn_backward_native", &ldreg::knn_backward_cpu);
+}
+
+// The float score kernel the CPU kNN runs at this dimension, and why ("avx512: measured at
+// D=512, ..."): benchmarks record it beside their figures, tests check the forcing.
+TORCH_LIBRARY_FRAGMENT(ldreg, m) {
+  m.def("cpu_score_kernel(int dim) -> str", [](int64_t dim) {
+    TORCH_CHECK_VALUE(dim > 0, "dim must be positive, got ", dim);
+    const ldreg::score_choice::Choice c = ldreg::score_choice::choose(dim);
+    return std::string(ldreg::score_choice::name(c.kernel)) + ": " + c.why;
+  });
 }
