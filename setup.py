@@ -179,7 +179,7 @@ def _plan() -> Plan:
     plan.info.update(extension=True, cuda_kernels=with_cuda, cuda_reason=why_not)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-    sources = ["csrc/knn.cpp", "csrc/cpu/knn_cpu.cpp"]
+    sources = ["csrc/knn.cpp", "csrc/cpu/knn_cpu.cpp", "csrc/cpu/lid_cpu.cpp"]
     # -fopenmp: at::parallel_for is header code that is serial without it. The C++ standard
     # is left to torch's cpp_extension, which picks the one its headers need.
     cxx = ["-O3", "-fopenmp", "-DLDREG_WITH_PYTHON"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Budget", "budget", "chunk_rows", "plan_as"]
+__all__ = ["Budget", "budget", "chunk_rows", "plan_as", "planned_device"]
 
 # CPU, in elements of the compute dtype. A score tile (query rows x reference columns): 2M fp32
 # = 8 MiB (1M was as fast at B=N=4096 on a 2-core EPYC). Gathered neighbour rows
@@ -78,13 +78,19 @@ _override: tuple[str, int | None] | None = None
 def plan_as(device_type: str, free_bytes: int | None = None):
     """Within the block, :func:`budget` plans every device as ``device_type`` with
     ``free_bytes`` available: e.g. ``plan_as("cuda", 100 << 30)`` on a CPU runs the exact
-    call sequence of a GPU step, to count it."""
+    call sequence of a GPU step, to count it (the LID estimators too take their torch
+    formulas, not the CPU's native twin)."""
     global _override
     old, _override = _override, (device_type, free_bytes)
     try:
         yield
     finally:
         _override = old
+
+
+def planned_device() -> str | None:
+    """The device type :func:`plan_as` is planning for, or None outside it."""
+    return None if _override is None else _override[0]
 
 
 def budget(device: torch.device | str, free_bytes: int | None = None) -> Budget:

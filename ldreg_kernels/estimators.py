@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _budget
 from ._validate import check_eps_for
 
 
@@ -52,6 +53,8 @@ def lid_from_distances(dist: Tensor, estimator: str = "mom", eps: float = 1e-12)
     if dist.dtype in (torch.float16, torch.bfloat16):
         dist = dist.float()
     check_eps_for(eps, dist.dtype)  # the public functions check it before the search already
+    if _native(dist) and not torch.compiler.is_compiling():
+        return _NativeLid.apply(dist, estimator, float(eps))  # the op's ~100 us of Python dispatch, skipped
     return _lid_op(dist, estimator, float(eps))
 
 
@@ -74,8 +77,35 @@ def _mom_ratios(dist: Tensor, w: Tensor, ws: Tensor) -> tuple[Tensor, Tensor]:
     return m / ws, (w - m).div_(ws)
 
 
+_NATIVE: list[bool] = []
+
+
+def _native(dist: Tensor) -> bool:
+    """Whether the C++ twin of these formulas (csrc/cpu/lid_cpu.cpp: one call instead of
+    some 20 small aten calls forward and 30 backward) takes ``dist``: CPU tensors, when the
+    extension is built, except inside ``_budget.plan_as("cuda")``, which counts the calls a
+    GPU step makes (the torch formulas). Asked once; the extension loads with
+    ``import ldreg_kernels``."""
+    if _budget.planned_device() not in (None, "cpu"):
+        return False
+    if not _NATIVE:
+        _NATIVE.append(hasattr(torch.ops.ldreg, "lid_native"))
+        if _NATIVE[0]:  # shapes for torch.compile, which traces the backward with fake tensors
+            torch.library.register_fake("ldreg::lid_native")(lambda dist, estimator, eps: dist.new_empty(dist.shape[:1]))
+            torch.library.register_fake("ldreg::lid_backward_native")(
+                lambda grad, dist, lid, estimator, eps: torch.empty_like(dist))
+    return _NATIVE[0] and dist.device.type == "cpu"
+
+
 @torch.library.custom_op("ldreg::lid_from_distances", mutates_args=())
 def _lid_op(dist: Tensor, estimator: str, eps: float) -> Tensor:
+    if _native(dist):
+        return torch.ops.ldreg.lid_native(dist, estimator, eps)
+    return _lid_formulas(dist, estimator, eps)
+
+
+def _lid_formulas(dist: Tensor, estimator: str, eps: float) -> Tensor:
+    """The estimators in torch ops (every device; the C++ twin mirrors them)."""
     w, positive, ws = _scale(dist)
     if estimator == "mom":
         rho, gam = _mom_ratios(dist, w, ws)
@@ -106,6 +136,8 @@ def _lid_backward(ctx, g: Tensor):
     applied. Masks compare tensor to tensor and apply with ``where`` (a Python scalar or a
     bool cast in an expression is one more aten call, a dispatcher trip on a GPU)."""
     dist, lid = ctx.saved_tensors
+    if _native(dist) and not torch.is_grad_enabled():  # create_graph=True needs the torch ops
+        return torch.ops.ldreg.lid_backward_native(g, dist, lid, ctx.estimator, ctx.eps), None, None
     eps, k = ctx.eps, dist.shape[1]
     w, positive, ws = _scale(dist)
     zero = torch.zeros_like(g)
@@ -131,6 +163,21 @@ def _lid_backward(ctx, g: Tensor):
 
 
 _lid_op.register_autograd(_lid_backward, setup_context=_lid_setup)
+
+
+class _NativeLid(torch.autograd.Function):
+    """``_lid_op`` in eager mode on CPU: the same forward and backward without the custom
+    op's Python dispatch, which cost more than the native formulas themselves at B=256."""
+
+    @staticmethod
+    def forward(ctx, dist: Tensor, estimator: str, eps: float) -> Tensor:
+        lid = torch.ops.ldreg.lid_native(dist, estimator, eps)
+        _lid_setup(ctx, (dist, estimator, eps), lid)
+        return lid
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _lid_backward(ctx, g)
 
 
 def regularizer(lids: Tensor, beta: float, reg: str = "l1") -> Tensor:

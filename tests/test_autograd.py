@@ -146,7 +146,9 @@ def test_double_backward_raises_clearly(device_backend):
     x = features(20, 5, generator("double-bwd"), torch.float64).to(dev).requires_grad_()
     (g,) = torch.autograd.grad(L.ldreg_loss(x, k=4, beta=1.0, backend=backend), x, create_graph=True)
     want = torch.autograd.grad(L.ldreg_loss(x, k=4, beta=1.0, backend=backend), x)[0]
-    assert torch.equal(g.detach(), want)
+    # On CPU the plain backward takes the LID gradient's C++ twin, create_graph its torch
+    # formulas (differentiable): the same values up to the sums' order.
+    torch.testing.assert_close(g.detach(), want, rtol=1e-13, atol=1e-16)
     with pytest.raises(RuntimeError, match="double backward through the kNN ops .* is not implemented"):
         g.square().sum().backward()
 
