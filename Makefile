@@ -28,7 +28,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m ldreg_kernels.demo
-	$(BIN)/python -m benchmarks.run --sweep smoke --out-dir runs/demo/bench --no-progress
+	$(BIN)/python -m benchmarks.run --sweep demo --methods paper,mm-topk,ours-cpu,floor --out-dir runs/demo/bench --no-progress
 
 # Compile the CUDA sources with nvcc alone (sm_80 + sm_90), so CUDA syntax/type errors fail CI
 # without a GPU. The CPU torch wheel lacks c10/cuda's generated cmake header, hence

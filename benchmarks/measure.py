@@ -65,38 +65,59 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(
-    fn: Callable[[], object], device: torch.device, *, warmup: int = 1, min_reps: int = 3,
-    max_reps: int = 10, max_s: float = 1.0, slow_s: float = 3.0,
-) -> tuple[float, float, float, int]:
-    """(median, p20, p80, repeats) of fn's time in ms.
-
-    Repeats until ``max_reps``, or earlier once ``min_reps`` are done and ``max_s`` seconds
-    have passed: a 1 ms kernel gets ``max_reps``, a 1 s call ``min_reps``. A call slower
-    than ``slow_s`` is timed once (its run-to-run noise is small next to its length, and
-    three more would dominate a CPU sweep).
-    """
-    for _ in range(warmup):
+def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """One call's time in ms (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
         fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def time_interleaved(
+    fns: dict[object, Callable[[], object]], device: torch.device, *, warmup: int = 1, min_reps: int = 3,
+    max_reps: int = 10, max_s: float = 1.0, slow_s: float = 3.0,
+) -> dict[object, tuple[float, float, float, int] | Exception]:
+    """Median, p20, p80 and repeats of each call's time, the calls timed round by round (one
+    of each per round), so that a burst of other load on the machine hits every method alike
+    instead of making one method's outlier. Each call repeats until ``max_reps``, or earlier
+    once ``min_reps`` are done and it has used ``max_s`` seconds: a 1 ms kernel gets
+    ``max_reps``, a 1 s call ``min_reps``. A call slower than ``slow_s`` is timed once (its
+    run-to-run noise is small next to its length, and three more would dominate a CPU sweep). Returns key -> (median, p20, p80, repeats) in ms, or the exception a call
+    raised (an OOM is a result: that call stops, the others go on)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    ts: list[float] = []
-    start = time.perf_counter()
-    while len(ts) < max_reps and (len(ts) < min_reps or time.perf_counter() - start < max_s):
-        if ts and ts[0] > slow_s * 1e3:
-            break
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
-    q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) >= 2 else [ts[0]] * 4
-    return statistics.median(ts), q[0], q[3], len(ts)
+    ts: dict[object, list[float]] = {key: [] for key in fns}
+
+    def active(key: object) -> bool:
+        t = ts[key]
+        if t and t[0] > slow_s * 1e3:
+            return False
+        return len(t) < max_reps and (len(t) < min_reps or sum(t) < max_s * 1e3)
+
+    failed: dict[object, Exception] = {}
+    while any(key not in failed and active(key) for key in fns):
+        for key, fn in fns.items():
+            if key in failed or not active(key):
+                continue
+            try:
+                ts[key].append(_timed_call(fn, device))
+            except Exception as e:  # noqa: BLE001 - reported per method by the caller
+                failed[key] = e
+    out: dict[object, tuple[float, float, float, int] | Exception] = dict(failed)
+    for key, t in ts.items():
+        if key in failed:
+            continue
+        q = statistics.quantiles(t, n=5, method="inclusive") if len(t) >= 2 else [t[0]] * 4
+        out[key] = (statistics.median(t), q[0], q[3], len(t))
+    return out
 
 
 def describe_failure(e: BaseException) -> str:

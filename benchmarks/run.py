@@ -42,9 +42,14 @@ CPU_BN: list[Shape] = [(n, n, d, 64) for n in (1024, 2048, 4096) for d in (128, 
 CPU_BANK: list[Shape] = [(1024, n, 256, 64) for n in (16384, 65536, 262144)]
 # k=512: the official code tracks LID at k=512 every step (not a spec shape; CPU only).
 CPU_LARGE_K: list[Shape] = [(n, n, 128, 512) for n in (1024, 2048)]
+# The batches SSL training runs LDReg on (a batch against itself): fixed costs show here.
+SSL: list[Shape] = [(n, n, d, k) for n in (256, 512, 1024) for d in (128, 512, 2048) for k in (32, 64)]
 SWEEPS: dict[str, list[Shape]] = {
     "gpu": SPEC_BN + SPEC_BANK,
-    "cpu": CPU_BN + CPU_LARGE_K + CPU_BANK,
+    "cpu": SSL + [s for s in CPU_BN + CPU_LARGE_K + CPU_BANK if s not in SSL],
+    "ssl": SSL,
+    # make demo: SSL-sized shapes, a few seconds each against the paper and mm+topk.
+    "demo": [(256, 256, 128, 32), (512, 512, 512, 64), (1024, 1024, 512, 64)],
     "smoke": [(64, 64, 16, 8), (32, 256, 16, 8)],
 }
 
@@ -58,7 +63,7 @@ def cpu_skip_reason(s: Shape) -> str:
     if n == 8192:
         return "B=N=8192: 4x the work of 4096; the direct-difference peers would need minutes per call"
     if d == 2048:
-        return "D=2048: 4x the work of D=512 for every method; D in {128, 512} kept"
+        return "D=2048 above B=N=1024 (the SSL shapes): 4x the work of D=512 for every method"
     return "k in {16, 256} at D=512: k varies only at D=128 (time); k=64 elsewhere"
 
 
@@ -72,25 +77,72 @@ def skipped_spec(shapes: list[Shape]) -> list[str]:
 
 
 # ---------------------------------------------------------------- machine and versions
+# (vendor, family, lowest model, highest model) -> microarchitecture, from the vendors'
+# published family/model numbers; an unlisted CPU is named by its numbers instead.
+_UARCH = [
+    ("AuthenticAMD", 23, 0x00, 0x2F, "zen1"), ("AuthenticAMD", 23, 0x30, 0xFF, "zen2"),
+    ("AuthenticAMD", 25, 0x00, 0x0F, "zen3"), ("AuthenticAMD", 25, 0x10, 0x1F, "zen4"),
+    ("AuthenticAMD", 25, 0x20, 0x5F, "zen3"), ("AuthenticAMD", 25, 0x60, 0xAF, "zen4"),
+    ("AuthenticAMD", 26, 0x00, 0xFF, "zen5"),
+    ("GenuineIntel", 6, 0x55, 0x55, "skx"), ("GenuineIntel", 6, 0x6A, 0x6C, "icx"),
+    ("GenuineIntel", 6, 0x8F, 0x8F, "spr"), ("GenuineIntel", 6, 0xCF, 0xCF, "emr"),
+    ("GenuineIntel", 6, 0xAD, 0xAE, "gnr"),
+]
+
+
+def cpu_identity(cpuinfo: str | None = None) -> dict[str, str]:
+    """vendor, family, model, model name and flags of the first CPU in /proc/cpuinfo (empty
+    strings where unreadable, e.g. off Linux)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    out = {"vendor_id": "", "cpu family": "", "model": "", "model name": "", "flags": ""}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in out:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def cpu_slug(info: dict[str, str] | None = None) -> str:
+    """epyc-zen4, xeon-spr, ...: the CPU's line and microarchitecture, or its family and
+    model numbers where they are not in the table (the machine a result holds for)."""
+    info = cpu_identity() if info is None else info
+    name = info["model name"].lower()
+    line = next((w for w in ("epyc", "ryzen", "threadripper", "xeon", "core") if w in name), "")
+    if not line:
+        line = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info["vendor_id"], platform.machine())
+    try:
+        fam, mod = int(info["cpu family"]), int(info["model"])
+    except ValueError:
+        return line
+    arch = next((a for v, f, lo, hi, a in _UARCH if v == info["vendor_id"] and f == fam and lo <= mod <= hi),
+                f"f{fam}m{mod}")
+    return f"{line}-{arch}"
+
+
 def machine_slug(device: torch.device) -> str:
-    """cpu-2core-x86_64 or gpu-nvidia-h100: the results' file name."""
+    """cpu-epyc-zen4-2core or gpu-nvidia-h100: the results' file name. The CPU's model is in
+    it because the kernels' ranking differs between CPUs (AVX2 only, AVX-512, AMX)."""
     if device.type == "cuda":
         words = torch.cuda.get_device_name(device).lower().split()[:2]
         return "gpu-" + "-".join("".join(c for c in w if c.isalnum()) for w in words)
-    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+    return f"cpu-{cpu_slug()}-{os.cpu_count()}core"
 
 
 def device_detail(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name}, {p.total_memory / 2**30:.0f} GiB"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    info = cpu_identity()
+    model = info["model name"] or platform.processor() or platform.machine()
+    flags = set(info["flags"].split())
+    isa = "AMX" if "amx_tile" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    ident = f" (family {info['cpu family']}, model {info['model']}, {cpu_slug(info)}{', ' + isa if isa else ''})"
+    return f"{model}{ident if info['cpu family'] else ''}, {os.cpu_count()} cores"
 
 
 def versions() -> dict[str, str]:
@@ -146,6 +198,8 @@ def run_shape(s: Shape, methods: list[providers.Method], device: torch.device, o
     rows: list[dict] = []
     timing = dict(warmup=opts.warmup, min_reps=opts.min_repeats, max_reps=opts.repeats, max_s=opts.max_s,
                   slow_s=opts.slow_s)
+    calls: dict[tuple[str, str], object] = {}  # (method, mode) -> the timed call
+    by_key: dict[tuple[str, str], tuple[providers.Method, dict]] = {}
     for m in methods:
         if progress is not None:
             progress.set_postfix_str(f"{b},{n},{d},{k} {m.name}")
@@ -169,18 +223,33 @@ def run_shape(s: Shape, methods: list[providers.Method], device: torch.device, o
                                  f"(> --max-call-s {opts.max_call_s:g})")
             else:
                 try:
-                    idx = _measure(m, mode, x, ref, k, o, device, timing, row, idx)
-                    history[(m.name, mode)] = (b * n * d, row["ms"] / 1e3)
+                    call, idx = _first_call(m, mode, x, ref, k, o, device, row, idx)
+                    calls[(m.name, mode)] = call
+                    by_key[(m.name, mode)] = (m, row)
                 except Exception as e:  # OOM or a peer's failure is a result, not a crash
-                    row["status"] = measure.describe_failure(e)
-                    row["ms"] = math.nan
-                    gc.collect()  # drop what the failed call left in the traceback's frames
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    _failed(row, e, device)
                 x.grad = None
-        m.reset()  # free what it cached (the floor's output buffer)
         if progress is not None:
             progress.update(1)
+    # Every method's calls timed round by round: a burst of other load hits them alike.
+    if progress is not None:
+        progress.set_postfix_str(f"{b},{n},{d},{k} timing {len(calls)} calls interleaved")
+    timed = measure.time_interleaved(calls, device, **timing)
+    for key, got in timed.items():
+        m, row = by_key[key]
+        if isinstance(got, Exception):
+            _failed(row, got, device)
+            continue
+        row["ms"], row["p20"], row["p80"], row["reps"] = got
+        history[key] = (b * n * d, row["ms"] / 1e3)
+        counts = launches.count(calls[key], warmup=0)  # after the timing: the profiler's cost is not timed
+        row["aten_calls"], row["syncs"] = counts.aten, counts.syncs
+        if device.type == "cuda":
+            row["peak_mib"] = measure.cuda_peak_mib(calls[key], device)
+    x.grad = None
+    calls.clear()
+    for m in methods:
+        m.reset()  # free what it cached (the floor's output buffer)
     floor = next((r["ms"] for r in rows if r["kind"] == "floor" and r["status"] == "ok"), math.nan)
     for r in rows:
         r["tflops"] = 2.0 * b * n * d / r["ms"] / 1e9 if r["status"] == "ok" else math.nan
@@ -195,11 +264,19 @@ def run_shape(s: Shape, methods: list[providers.Method], device: torch.device, o
     return rows
 
 
-def _measure(m: providers.Method, mode: str, x: torch.Tensor, ref: torch.Tensor | None, k: int,
-             o: measure.Oracle64, device: torch.device, timing: dict, row: dict,
-             idx: torch.Tensor | None) -> torch.Tensor | None:
-    """Fill row: first-call time (compiles, lazy init), accuracy, timing, GPU memory.
-    Returns the neighbour indices (fwd) or passes ``idx`` through."""
+def _failed(row: dict, e: BaseException, device: torch.device) -> None:
+    row["status"] = measure.describe_failure(e)
+    row["ms"] = math.nan
+    gc.collect()  # drop what the failed call left in the traceback's frames
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _first_call(m: providers.Method, mode: str, x: torch.Tensor, ref: torch.Tensor | None, k: int,
+                o: measure.Oracle64, device: torch.device, row: dict,
+                idx: torch.Tensor | None) -> tuple[object, torch.Tensor | None]:
+    """The untimed first call (compiles, lazy init) with its time and accuracy in ``row``.
+    Returns the call to time and the neighbour indices (fwd), else ``idx`` passed through."""
     if m.kind == "floor":
         call = lambda: m.knn(x, ref, k)  # noqa: E731
     elif mode == "fwd":
@@ -212,8 +289,8 @@ def _measure(m: providers.Method, mode: str, x: torch.Tensor, ref: torch.Tensor 
     if m.kind == "floor":
         call()
     elif mode == "fwd":
-        # The untimed first call: kNN on the timed path's inputs (x requires grad, so
-        # torch.compile builds the same graph), giving the accuracy numbers.
+        # kNN on the timed path's inputs (x requires grad, so torch.compile builds the same
+        # graph), giving the accuracy numbers.
         dist, idx = m.knn(x, ref, k)
         row["recall"], row["lid_err"] = measure.recall_and_lid_err(dist, idx, o)
         idx = idx[: o.idx.shape[0]].detach()
@@ -223,12 +300,7 @@ def _measure(m: providers.Method, mode: str, x: torch.Tensor, ref: torch.Tensor 
         row["grad_err"] = measure.grad_err(x.grad, idx, o)
     measure.sync(device)
     row["first_ms"] = (time.perf_counter() - t) * 1e3
-    row["ms"], row["p20"], row["p80"], row["reps"] = measure.time_fn(call, device, **timing)
-    counts = launches.count(call, warmup=0)  # after the timing: the profiler's cost is not timed
-    row["aten_calls"], row["syncs"] = counts.aten, counts.syncs
-    if device.type == "cuda":
-        row["peak_mib"] = measure.cuda_peak_mib(call, device)
-    return idx
+    return call, idx
 
 
 def _memory_note(device: torch.device, on: bool) -> str:
