@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "score_tile.h"
@@ -147,7 +148,8 @@ inline std::vector<double> time_kernels(const std::vector<Kernel>& ks, int64_t d
 }
 #endif
 
-// The float score kernel for this dimension (forced, or measured once per process).
+// The float score kernel for this dimension (forced, or measured once per process, dimension
+// and thread count).
 inline Choice choose(int64_t dim) {
   const int f = forced();
   if (f >= 0) return {static_cast<Kernel>(f), std::string("forced by LDREG_CPU_SCORES")};
@@ -155,10 +157,12 @@ inline Choice choose(int64_t dim) {
   for (const Kernel k : {Kernel::kAvx512, Kernel::kAvx2, Kernel::kBlas})
     if (runs_here(k)) ks.push_back(k);
   if (ks.size() == 1) return {Kernel::kBlas, std::string("the only kernel this CPU runs")};
+  // By thread count too: the kernels share a core's caches differently (set_num_threads).
+  const std::pair<int64_t, int> key{dim, at::get_num_threads()};
   static std::mutex mu;
-  static std::map<int64_t, Choice> cache;
+  static std::map<std::pair<int64_t, int>, Choice> cache;
   std::lock_guard<std::mutex> lock(mu);
-  const auto hit = cache.find(dim);
+  const auto hit = cache.find(key);
   if (hit != cache.end()) return hit->second;
   Choice ch{Kernel::kBlas, ""};
 #ifdef LDREG_X86_AVX2
@@ -175,7 +179,7 @@ inline Choice choose(int64_t dim) {
   }
   ch.why += " per 128 x 1024 block";
 #endif
-  cache[dim] = ch;
+  cache[key] = ch;
   return ch;
 }
 
