@@ -11,6 +11,9 @@ import torch
 from .runs import load_run, run_label, run_labels  # noqa: F401  (load_run, run_label: re-exported)
 
 
+SPECTRUM_FLOOR = 1e-6  # dead channels give exact zeros: drawn at this floor, not at -inf
+
+
 def plot_runs(run_dirs: Sequence[str], out_png: str) -> str:
     """One PNG comparing runs: GM-LID, erank and probe accuracy per epoch, histogram of final
     per-sample LID, held-out singular-value spectrum, per-step LID monitors (if logged)."""
@@ -58,7 +61,7 @@ def plot_groups(groups: dict[str, list[dict]], out_png: str, title: str = "") ->
         if spectra:  # the mean over seeds of each run's spectrum normalised to its largest value
             n = min(len(sv) for sv in spectra)
             sv = torch.stack([sv[:n].double() / sv[0].double().clamp_min(1e-300) for sv in spectra]).mean(0)
-            axes[4].semilogy(range(1, n + 1), sv.clamp_min(1e-12).numpy(), style, color=color, label=label)
+            axes[4].semilogy(range(1, n + 1), sv.clamp_min(SPECTRUM_FLOOR).numpy(), style, color=color, label=label)
         for j, key in enumerate(monitor_keys):  # per-step batch LID: first run of the group
             steps = [v for rec in runs[0]["history"] for v in rec.get(key, [])]
             if steps:
@@ -69,7 +72,7 @@ def plot_groups(groups: dict[str, list[dict]], out_png: str, title: str = "") ->
     axes[2].set(xlabel="log10 LID per held-out sample", ylabel="density", title="per-sample LID at the end")
     axes[3].set(xlabel="epoch", ylabel="linear-probe top-1", title="probe accuracy (held-out)")
     axes[4].set(xlabel="singular value index (sorted)", ylabel="singular value / largest (log)",
-                title="spectrum of the held-out embeddings")
+                title=f"spectrum of the held-out embeddings (< {SPECTRUM_FLOOR:g} drawn at it)")
     axes[5].set(xlabel="training step", ylabel="batch GM-LID (MLE)",
                 title="LID monitors per step" + ("" if monitor_keys else " (none logged)"))
     for ax in axes:
