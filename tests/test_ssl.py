@@ -315,3 +315,24 @@ def test_training_with_a_fast_backend_equals_the_reference(backend):
     assert max_rel_diff(fast["loss"], ref["loss"]) < 1e-10
     assert max_rel_diff(fast["batch_lid"], ref["batch_lid"]) < 1e-10
     assert abs(fast["gm_lid"] - ref["gm_lid"]) <= 1e-10 * ref["gm_lid"]
+
+
+# -- the results script ------------------------------------------------------------------
+def _ssl_results():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "ssl_results.py")
+    spec = importlib.util.spec_from_file_location("ssl_results", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_claim_an_effect_only_where_the_95_interval_excludes_0():
+    R = _ssl_results()
+    m, lo, hi = R.t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t_{0.975,2} = 4.303
+    assert m == 2 and lo == pytest.approx(2 - 4.303 / 3**0.5) and hi == pytest.approx(2 + 4.303 / 3**0.5)
+    assert R.verdict(*R.t_interval([0.5, 0.6, 0.7])[1:]) == "up"
+    assert R.verdict(*R.t_interval([-0.5, -0.6, -0.7])[1:]) == "down"
+    assert R.verdict(*R.t_interval([-1.0, 0.5, 2.0])[1:]) == "within noise"
+    assert "family" in R.cpu_model()
