@@ -11,8 +11,8 @@ EMA momentum (0.99 -> 1), and the predictor learns at the encoder's rate; the BY
 with a faster or fixed learning rate) make these the settings that matter at short schedules.
 - Stage 1 ("momentum"): base EMA momentum in {0.9, 0.95, 0.99, 0.996}, predictor lr 10x,
   plus today's default (0.99, predictor lr 1x) for reference; seed 0, LDReg off. The probe
-  rose monotonically as the momentum fell over that range, so 0.8 and 0.5 were added (a
-  target that follows the online network closely, towards SimSiam's momentum 0).
+  rose monotonically as the momentum fell over that range, so 0.8, 0.5 and 0 were added (a
+  target that follows the online network closely; 0 starts as SimSiam's stop-gradient copy).
 - Stage 2 ("lr-wd"): stage 1's best momentum, lr in {2e-3, 5e-3} x weight decay in
   {1e-6, 0.1}; seed 0 (lr 2e-3 / wd 1e-6 is stage 1's run). AdamW's decay is decoupled
   (lr x wd per step), so 1e-4 changes nothing in 190 steps (the table's wd=1e-4 run, from a
@@ -38,7 +38,7 @@ from ssl_results import cpu_model, final, machine_slug, train_or_load  # noqa: E
 
 from ldreg_kernels.ssl.train import TrainConfig  # noqa: E402
 
-MOMENTA = (0.5, 0.8, 0.9, 0.95, 0.99, 0.996)
+MOMENTA = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.996)
 LRS, WDS = (2e-3, 5e-3), (1e-6, 0.1)
 BASE = dict(momentum=0.99, predictor_lr_mult=1.0, lr=2e-3, weight_decay=1e-6)  # the defaults before the search
 

@@ -42,6 +42,7 @@ import torch
 from ..registry import BACKENDS
 from . import dist
 from .data import DATASETS
+from .methods import METHOD_DEFAULTS
 from .train import CHECKPOINT, ConfigError, TrainConfig, Trainer, TrainingDiverged, check_runtime
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -114,12 +115,16 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--backend", choices=["auto", *sorted(BACKENDS)], default=d.backend)
         s.add_argument("--epochs", type=int, default=d.epochs)
         s.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (images)")
-        s.add_argument("--lr", type=float, default=d.lr)
-        s.add_argument("--weight-decay", type=float, default=d.weight_decay)
-        s.add_argument("--momentum", type=float, default=d.momentum,
-                       help=f"BYOL: base EMA momentum of the target, raised to 1 on a cosine (default {d.momentum})")
-        s.add_argument("--predictor-lr-mult", type=float, default=d.predictor_lr_mult,
-                       help=f"BYOL: predictor learning rate = --lr times this (default {d.predictor_lr_mult:g})")
+        md = METHOD_DEFAULTS[method]
+        s.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {md['lr']:g})")
+        s.add_argument("--weight-decay", type=float, default=None,
+                       help=f"AdamW (decoupled) weight decay (default {md['weight_decay']:g})")
+        if method == "byol":
+            s.add_argument("--momentum", type=float, default=None,
+                           help=f"base EMA momentum of the target, raised to 1 on a cosine (default {md['momentum']:g}, "
+                                "from experiments/byol_search.py)")
+            s.add_argument("--predictor-lr-mult", type=float, default=None,
+                           help=f"predictor learning rate = --lr times this (default {md['predictor_lr_mult']:g})")
         s.add_argument("--widths", type=_ints, default=d.widths, help="encoder channels per stage, e.g. 16,32,64,128")
         s.add_argument("--blocks", type=_ints, default=d.blocks, help="basic blocks per stage, e.g. 1,1,1,1")
         s.add_argument("--seed", type=int, default=d.seed)
@@ -150,7 +155,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         reg=a.reg, estimator=a.estimator, warmup_epochs=a.warmup_epochs, backend=a.backend, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, widths=a.widths, blocks=a.blocks,
         seed=a.seed, device=a.device, eval_every=a.eval_every, amp=a.amp, protocol=a.protocol,
-        monitor_ks=a.monitor_ks, momentum=a.momentum, predictor_lr_mult=a.predictor_lr_mult,
+        monitor_ks=a.monitor_ks, momentum=getattr(a, "momentum", None),
+        predictor_lr_mult=getattr(a, "predictor_lr_mult", None),
     )
 
 

@@ -56,7 +56,7 @@ from . import dist
 from .augment import RECIPES, augment
 from .data import ImageSet, get_dataset
 from .evaluate import Evaluation, evaluate
-from .methods import DEFAULT_BETA, METHODS, StepOutput
+from .methods import DEFAULT_BETA, METHOD_DEFAULTS, METHODS, StepOutput
 from .models import ResNetEncoder
 from .runs import CHECKPOINT, LOG, atomic_save, safe_load  # noqa: F401  (re-exported)
 
@@ -112,13 +112,15 @@ class TrainConfig:
     warmup_epochs: Optional[int] = None
     protocol: str = "custom"
     monitor_ks: Optional[tuple[int, ...]] = None  # MLE LID of the batch logged every step; None: () / (32, 512)
-    momentum: float = 0.99  # BYOL: base EMA momentum of the target (cosine to 1 over training)
-    predictor_lr_mult: float = 1.0  # BYOL: the predictor's learning rate is lr times this
+    # BYOL: base EMA momentum of the target (cosine to 1 over training), and the predictor's
+    # learning rate as a multiple of lr. None: the method's (methods.METHOD_DEFAULTS)
+    momentum: Optional[float] = None
+    predictor_lr_mult: Optional[float] = None
     backend: str = "auto"
     epochs: int = 20
     batch_size: int = 256  # global batch (split across ranks under DDP)
-    lr: float = 2e-3
-    weight_decay: float = 1e-6
+    lr: Optional[float] = None  # None: the method's (methods.METHOD_DEFAULTS): 2e-3 SimCLR, 5e-3 BYOL
+    weight_decay: Optional[float] = None  # None: the method's: 1e-6
     widths: tuple[int, ...] = (16, 32, 64, 128)
     blocks: tuple[int, ...] = (1, 1, 1, 1)
     temperature: float = 0.5
@@ -132,6 +134,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"must be one of {sorted(METHODS)}, got {self.method!r}", "method")
+        for name, value in METHOD_DEFAULTS[self.method].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"must be one of {list(PROTOCOLS)}, got {self.protocol!r}", "protocol")
         paper = self.protocol == "paper"
