@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = a.max_runs
     groups: dict[Group, list[dict]] = {}
     left = 0
-    for method in a.methods:
-        for mult in [0.0, *a.beta_mults]:
-            for seed in a.seeds:
+    # Seed-major order: a call cut short by --max-runs leaves whole pairs for every setting.
+    for seed in a.seeds:
+        for method in a.methods:
+            for mult in [0.0, *a.beta_mults]:
                 tag = "base" if not mult else f"ldreg-x{mult:g}"
                 out = os.path.join(a.runs, f"{a.dataset}-{a.protocol}-{a.epochs}ep-{method}-{tag}-s{seed}")
                 if not os.path.exists(os.path.join(out, "summary.json")):
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     budget = None if budget is None else budget - 1
                     print(f"== {out}", flush=True)
                 groups.setdefault((method, mult), []).append(train_or_load(cfg(method, mult, seed), out))
+    groups = {g: groups[g] for g in sorted(groups, key=lambda g: (a.methods.index(g[0]), g[1]))}
 
     slug = machine_slug(a.device)
     os.makedirs(a.results, exist_ok=True)
