@@ -84,6 +84,8 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
 
 
 def verdict(lo: float, hi: float) -> str:
+    if lo != lo or hi != hi:  # NaN: one pair, no interval
+        return "no interval (1 pair)"
     if lo > 0:
         return "up"
     if hi < 0:
@@ -129,6 +131,10 @@ def conclusions(groups: dict[Group, list[dict]], deltas: dict[Group, dict[str, t
     for (method, mult), d in deltas.items():
         beta = groups[(method, mult)][0]["config"]["beta"]
         lid_v, er_v, acc_v = (verdict(*d[k][1:]) for k in ("gm_lid", "erank", "probe_acc"))
+        if acc_v.startswith("no interval"):
+            out.append(f"- {method}, beta={beta:g}: one seed pair only, no claim (GM-LID {d['gm_lid'][0]:+.2f}, "
+                       f"erank {d['erank'][0]:+.2f}, probe {d['probe_acc'][0]:+.4f}).")
+            continue
         raised = lid_v == "up" and er_v == "up"
         acc = {"down": "but lowered probe accuracy", "up": "and raised probe accuracy",
                "within noise": "without a probe-accuracy change outside noise"}[acc_v]
