@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     labels = {(m, x): f"{m} {'+ LDReg b=%g' % runs[0]['config']['beta'] if x else 'baseline'}"
               for (m, x), runs in groups.items()}
     plot_groups({labels[g]: runs for g, runs in groups.items()}, png,
-                title=f"{a.dataset}, {a.epochs} epochs, seeds {a.seeds}, protocol {a.protocol}; held-out metrics "
+                title=f"{a.dataset}, {a.epochs} epochs, seeds finished "
+                      f"{sorted({r['config']['seed'] for rs in groups.values() for r in rs})} of {a.seeds}, "
+                      f"protocol {a.protocol}; held-out metrics "
                       "(bands: ±1 std over seeds; spectrum: mean over seeds; monitors: seed "
                       f"{a.seeds[0]})")
     cmd = "python experiments/ssl_results.py " + " ".join(sys.argv[1:] if argv is None else argv)
