@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -150,12 +151,75 @@ def test_config_errors_name_the_argument():
         TrainConfig(method="moco")
     with pytest.raises(ValueError, match=r"epochs must be >= 1, got 0"):
         TrainConfig(epochs=0)
-    with pytest.raises(ValueError, match=r"k must be in \[2, 255\] for this batch \(reference of 256 rows\), got 256"):
+    with pytest.raises(ValueError, match=r"k must be in \[2, 255\] for this batch \(reference of 256 rows, less the query.s own\), got 256"):
         Trainer(tiny_cfg(k=256), None)
+    with pytest.raises(ValueError, match=r"k must be in \[2, 510\] .*reference of 512 rows, less the query.s own and its target twin"):
+        Trainer(tiny_cfg(method="byol", k=511), None)
 
 
 def test_paper_beta_defaults():
     assert TrainConfig(method="simclr").beta == 0.01 and TrainConfig(method="byol").beta == 0.005
+
+
+def test_paper_protocol_fills_only_the_unset_settings():
+    from ldreg_kernels.ssl.cli import config_from_args, parser
+
+    custom = TrainConfig(method="simclr", epochs=10)
+    assert (custom.k, custom.warmup_epochs, custom.monitor_ks) == (32, 0, ())
+    for method, beta in (("simclr", 0.01), ("byol", 0.005)):
+        c = TrainConfig(method=method, protocol="paper", epochs=10, batch_size=256)
+        assert (c.k, c.beta, c.warmup_epochs, c.monitor_ks) == (16, beta, 1, (32, 512))
+    assert TrainConfig(protocol="paper", epochs=100, batch_size=1024).k == 32  # 10 warm-up epochs of 100
+    assert TrainConfig(protocol="paper", epochs=100, batch_size=1024).warmup_epochs == 10
+    assert TrainConfig(protocol="paper", batch_size=4096).k == 64
+    explicit = TrainConfig(protocol="paper", k=8, beta=0.1, warmup_epochs=0, monitor_ks=(4,))
+    assert (explicit.k, explicit.beta, explicit.warmup_epochs, explicit.monitor_ks) == (8, 0.1, 0, (4,))
+    a = parser().parse_args(["byol", "--protocol", "paper", "--epochs", "20", "--monitor-ks", "32,64",
+                             "--momentum", "0.95", "--predictor-lr-mult", "10", "--out", "x"])
+    c = config_from_args(a)
+    assert (c.k, c.beta, c.warmup_epochs, c.monitor_ks, c.momentum, c.predictor_lr_mult) == \
+        (16, 0.005, 2, (32, 64), 0.95, 10.0)
+
+
+def test_monitors_log_every_step_and_skip_a_k_the_batch_cannot_hold():
+    cfg = tiny_cfg(epochs=1, monitor_ks=(4, 255, 256))  # SimCLR batch 128: 256 rows, 255 candidates
+    with pytest.warns(UserWarning, match=r"monitor_ks \[256\] skipped"):
+        t = Trainer(cfg, None, progress=False)
+    t.fit()
+    rec = t.history[0]
+    for m in (4, 255):
+        steps = rec[f"steps_lid_k{m}"]
+        assert len(steps) == t.steps_per_epoch and all(0 < v < float("inf") for v in steps)
+        assert rec[f"lid_k{m}"] == pytest.approx(sum(steps) / len(steps))
+    assert "steps_lid_k256" not in rec
+
+
+def test_byol_excludes_each_querys_target_twin():
+    t = Trainer(tiny_cfg(method="byol", batch_size=32), None, progress=False)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    ref = torch.cat([q, q])  # step 0: the target network equals the online one, twins at distance 0
+    got = t.batch_lid(q, ref, 0, 8, "mle")
+    want = torch.cat([reference.lid(q[i : i + 1], torch.cat([q[:i], q[i + 1 :], q[:i], q[i + 1 :]]), 8, "mle",
+                                    exclude_self=False) for i in range(64)])
+    torch.testing.assert_close(got, want)
+    # Without the twin excluded its zero distance would set the LID far below the data's.
+    naive = reference.lid(q, ref, 8, "mle", exclude_self=True)
+    assert float(naive.log().mean().exp()) < 0.5 * float(got.log().mean().exp())
+    # Twins that are not among the neighbours change nothing: the nearest k stay.
+    far = torch.cat([q, q + 100.0])
+    torch.testing.assert_close(t.batch_lid(q, far, 0, 8, "mle"), reference.lid(q, q, 8, "mle", exclude_self=True))
+
+
+def test_byol_momentum_and_predictor_learning_rate():
+    t = Trainer(tiny_cfg(method="byol", momentum=0.9, predictor_lr_mult=10.0), None, progress=False)
+    assert t.model.base_momentum == 0.9
+    enc, head = t.opt.param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in t.model.predictor.parameters()}
+    t.train_step(next(t.batches(0)), t._generator(0, 1))
+    assert head["lr"] == pytest.approx(10 * enc["lr"]) and enc["lr"] == pytest.approx(t.lr_at(0))
+    with pytest.raises(ValueError, match="momentum"):
+        TrainConfig(method="byol", momentum=1.0)
 
 
 def test_cli_trains_logs_plots_and_refuses_to_clobber(tmp_path, capsys):
@@ -187,6 +251,33 @@ def test_no_ldreg_and_warmup_keep_the_regulariser_off():
     assert reg_at(tiny_cfg(ldreg=False), 0) == 0
     assert reg_at(tiny_cfg(warmup_epochs=1), 0) == 0
     assert reg_at(tiny_cfg(warmup_epochs=1), 1) < 0
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_is_one_line_per_epoch_off_a_terminal(tty):
+    stream = _Stream(tty)
+    t = Trainer(tiny_cfg(epochs=2, eval_every=2), None, stream=stream)
+    assert t.bars() is tty
+    t.fit()
+    text = stream.getvalue()
+    epoch_lines = [ln for ln in text.splitlines() if ln.lstrip("\r").startswith("epoch   ")]
+    assert len(epoch_lines) == 2 and "probe" in epoch_lines[-1]
+    if tty:  # the bars draw (and clear) their frames with carriage returns
+        assert "\r" in text
+    else:  # a log or a pipe: exactly the per-epoch lines, no frames
+        assert "\r" not in text and text.splitlines() == epoch_lines
+    quiet = _Stream(True)
+    Trainer(tiny_cfg(epochs=1), None, progress=False, stream=quiet).fit()
+    assert quiet.getvalue() == ""
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
@@ -224,3 +315,24 @@ def test_training_with_a_fast_backend_equals_the_reference(backend):
     assert max_rel_diff(fast["loss"], ref["loss"]) < 1e-10
     assert max_rel_diff(fast["batch_lid"], ref["batch_lid"]) < 1e-10
     assert abs(fast["gm_lid"] - ref["gm_lid"]) <= 1e-10 * ref["gm_lid"]
+
+
+# -- the results script ------------------------------------------------------------------
+def _ssl_results():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "ssl_results.py")
+    spec = importlib.util.spec_from_file_location("ssl_results", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_claim_an_effect_only_where_the_95_interval_excludes_0():
+    R = _ssl_results()
+    m, lo, hi = R.t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t_{0.975,2} = 4.303
+    assert m == 2 and lo == pytest.approx(2 - 4.303 / 3**0.5) and hi == pytest.approx(2 + 4.303 / 3**0.5)
+    assert R.verdict(*R.t_interval([0.5, 0.6, 0.7])[1:]) == "up"
+    assert R.verdict(*R.t_interval([-0.5, -0.6, -0.7])[1:]) == "down"
+    assert R.verdict(*R.t_interval([-1.0, 0.5, 2.0])[1:]) == "within noise"
+    assert "family" in R.cpu_model()

@@ -62,7 +62,7 @@ BAD_ARGS = [
     (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     (["--eval-every", "0"], "argument --eval-every: must be >= 1, got 0"),
     (["--k", "1"], "argument --k: must be >= 2, got 1"),
-    (["--k", "300"], "argument --k: must be in [2, 255] for this batch (reference of 256 rows), got 300"),
+    (["--k", "300"], "argument --k: must be in [2, 255] for this batch (reference of 256 rows, less the query's own), got 300"),
     (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0.0"),
     (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
     (["--weight-decay=-1e-4"], "argument --weight-decay: must be a finite number >= 0, got -0.0001"),
@@ -471,7 +471,7 @@ def test_cli_amp_runs_and_is_recorded(tmp_path, capsys):
     assert cli(["byol", *TINY, "--amp", "--epochs", "1", "--out", str(out)]) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["config"]["amp"] == "bf16" and state["step"] == n_train_digits() // 128
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "lids.pt", "log.jsonl", "plot.png", "summary.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "lids.pt", "log.jsonl", "plot.png", "spectrum.pt", "summary.json"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with a GradScaler needs CUDA")

@@ -38,4 +38,4 @@ def test_torchrun_two_ranks_trains_and_only_rank0_writes(tmp_path, method):
     assert 0.3 < summaries[0]["probe_acc"] <= 1 and summaries[0]["gm_lid"] > 1
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"])  # loadable without DDP
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "lids.pt", "log.jsonl", "plot.png", "summary.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "lids.pt", "log.jsonl", "plot.png", "spectrum.pt", "summary.json"]

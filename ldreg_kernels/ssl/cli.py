@@ -42,6 +42,7 @@ import torch
 from ..registry import BACKENDS
 from . import dist
 from .data import DATASETS
+from .methods import METHOD_DEFAULTS
 from .train import CHECKPOINT, ConfigError, TrainConfig, Trainer, TrainingDiverged, check_runtime
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -95,18 +96,35 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--data-root", default=None, help="folder with cifar-10-batches-py/ (cifar10 only)")
         s.add_argument("--ldreg", action=argparse.BooleanOptionalAction, default=True,
                        help="add the LDReg regulariser on the encoder output (default: on)")
-        s.add_argument("--k", type=int, default=d.k, help="neighbours for the training LID (>= 2)")
+        s.add_argument("--protocol", choices=("custom", "paper"), default=d.protocol,
+                       help="paper: fill unset options as the LDReg paper / official code: --warmup-epochs 10%% "
+                            "of --epochs, the paper's --beta per method and --k for the batch size (16 at <= 512, "
+                            "32 at <= 1024, else 64), --monitor-ks 32,512. Explicit options win (default: custom)")
+        s.add_argument("--k", type=int, default=None,
+                       help="neighbours for the training LID (>= 2; default 32, or the paper's with --protocol paper)")
         s.add_argument("--beta", type=float, default=None,
                        help="strength, >= 0 (default: 0.01 SimCLR, 0.005 BYOL)")
         s.add_argument("--reg", choices=("l1", "l2"), default=d.reg)
         s.add_argument("--estimator", choices=("mom", "mle"), default=d.estimator)
-        s.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
-                       help="epochs before LDReg switches on (official code: 10)")
+        s.add_argument("--warmup-epochs", type=int, default=None,
+                       help="epochs before LDReg switches on (default 0; --protocol paper: 10%% of --epochs, "
+                            "as the official code's 10 of 100)")
+        s.add_argument("--monitor-ks", type=_ints, default=None, metavar="K1,K2",
+                       help="log the batch's MLE LID at these k every step, e.g. 32,512 (the official code's); "
+                            "a k larger than the batch reference allows is skipped with a warning")
         s.add_argument("--backend", choices=["auto", *sorted(BACKENDS)], default=d.backend)
         s.add_argument("--epochs", type=int, default=d.epochs)
         s.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (images)")
-        s.add_argument("--lr", type=float, default=d.lr)
-        s.add_argument("--weight-decay", type=float, default=d.weight_decay)
+        md = METHOD_DEFAULTS[method]
+        s.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {md['lr']:g})")
+        s.add_argument("--weight-decay", type=float, default=None,
+                       help=f"AdamW (decoupled) weight decay (default {md['weight_decay']:g})")
+        if method == "byol":
+            s.add_argument("--momentum", type=float, default=None,
+                           help=f"base EMA momentum of the target, raised to 1 on a cosine (default {md['momentum']:g}, "
+                                "from experiments/byol_search.py)")
+            s.add_argument("--predictor-lr-mult", type=float, default=None,
+                           help=f"predictor learning rate = --lr times this (default {md['predictor_lr_mult']:g})")
         s.add_argument("--widths", type=_ints, default=d.widths, help="encoder channels per stage, e.g. 16,32,64,128")
         s.add_argument("--blocks", type=_ints, default=d.blocks, help="basic blocks per stage, e.g. 1,1,1,1")
         s.add_argument("--seed", type=int, default=d.seed)
@@ -136,7 +154,9 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         method=a.command, dataset=a.dataset, data_root=a.data_root, ldreg=a.ldreg, k=a.k, beta=a.beta,
         reg=a.reg, estimator=a.estimator, warmup_epochs=a.warmup_epochs, backend=a.backend, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, widths=a.widths, blocks=a.blocks,
-        seed=a.seed, device=a.device, eval_every=a.eval_every, amp=a.amp,
+        seed=a.seed, device=a.device, eval_every=a.eval_every, amp=a.amp, protocol=a.protocol,
+        monitor_ks=a.monitor_ks, momentum=getattr(a, "momentum", None),
+        predictor_lr_mult=getattr(a, "predictor_lr_mult", None),
     )
 
 

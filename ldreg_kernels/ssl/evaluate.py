@@ -8,6 +8,7 @@ O(batch x k) memory; effective rank is Roy & Vetterli's, of the feature correlat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ class Evaluation:
     gm_lid: float  # geometric-mean LID (MLE, k) of held-out vs training features
     erank: float  # effective rank of the held-out features
     lids: Tensor  # (M,) per-sample LID of the held-out set, for histograms
+    spectrum: Optional[Tensor] = None  # singular values of the centred held-out features, descending
 
 
 @torch.no_grad()
@@ -68,7 +70,7 @@ def linear_probe(
 
 
 def evaluate(encoder: nn.Module, data, k: int = 32, backend: str = "auto") -> Evaluation:
-    """Probe accuracy, geometric-mean LID (MLE, k) and effective rank of ``data.test_x``."""
+    """Probe accuracy, geometric-mean LID (MLE, k), effective rank and singular values of ``data.test_x``."""
     ftr = extract(encoder, data.train_x)
     fte = extract(encoder, data.test_x)
     lids = per_sample_lid(fte, ftr, k, backend=backend).cpu()
@@ -77,4 +79,12 @@ def evaluate(encoder: nn.Module, data, k: int = 32, backend: str = "auto") -> Ev
         gm_lid=geometric_mean(lids),
         erank=effective_rank(fte),
         lids=lids,
+        spectrum=singular_values(fte),
     )
+
+
+def singular_values(features: Tensor) -> Tensor:
+    """Singular values of the centred features, descending, float64 on the CPU: the picture of
+    dimensional collapse (Jing et al., 2022) is their log plotted against the index."""
+    f = features.double().cpu()
+    return torch.linalg.svdvals(f - f.mean(0))

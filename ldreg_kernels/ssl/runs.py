@@ -68,9 +68,10 @@ def safe_load(path: str) -> Any:
 
 
 def load_run(run_dir: str) -> dict:
-    """A run folder's config, per-epoch history and (if written) per-sample held-out LIDs.
+    """A run folder's config, per-epoch history and (if written) per-sample held-out LIDs and
+    held-out singular values.
 
-    ``lids.pt`` is read with ``weights_only=True`` (:func:`safe_load`): a crafted
+    ``lids.pt`` and ``spectrum.pt`` are read with ``weights_only=True`` (:func:`safe_load`): a crafted
     file cannot run code.
 
     Raises:
@@ -97,7 +98,13 @@ def load_run(run_dir: str) -> dict:
         lids = safe_load(lids_path)  # a one-line ValueError naming the file
         if not isinstance(lids, torch.Tensor):
             raise ValueError(f"{lids_path} holds a {type(lids).__name__}, not a tensor of LIDs")
-    return {"dir": run_dir, "config": cfg, "history": history, "lids": lids}
+    spectrum = None
+    spec_path = os.path.join(run_dir, "spectrum.pt")
+    if os.path.exists(spec_path):
+        spectrum = safe_load(spec_path)
+        if not isinstance(spectrum, torch.Tensor):
+            raise ValueError(f"{spec_path} holds a {type(spectrum).__name__}, not a tensor of singular values")
+    return {"dir": run_dir, "config": cfg, "history": history, "lids": lids, "spectrum": spectrum}
 
 
 def run_label(run: dict) -> str:

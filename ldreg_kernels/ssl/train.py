@@ -8,12 +8,25 @@ uninterrupted one step for step.
 
 Files in ``out``: ``log.jsonl`` (one record per epoch, rewritten from the checkpoint on
 resume, so a killed epoch leaves no stray line), ``checkpoint.pt`` (replaced atomically
-after every epoch), ``summary.json``, ``lids.pt`` (per-sample held-out LID) and ``plot.png``.
+after every epoch), ``summary.json``, ``lids.pt`` (per-sample held-out LID), ``spectrum.pt`` (singular values of
+the held-out features) and ``plot.png``.
 
 Checkpoint safety: a checkpoint holds only tensors and plain containers (dicts, lists,
 tuples, str, int, float, bool, None): the config as a dict, no RNG state (every generator
 is re-seeded from the config), so it is read back with ``torch.load(weights_only=True)``.
 A crafted file cannot run code on ``--resume``; it fails with :class:`CheckpointError`.
+
+Protocols (``protocol``): ``"custom"`` takes every setting as given (unset: k = 32, no
+warm-up, no monitors); ``"paper"`` fills the unset ones as the LDReg paper and its official
+code do: the regulariser switches on after 10% of the epochs (official: 10 of 100), beta is
+the paper's per method (0.01 SimCLR, 0.005 BYOL), k is the paper's for the batch size
+(:func:`paper_k`), and the MLE LID of the batch at k = 32 and k = 512 is logged every step
+(``monitor_ks``), as the official code logs it. A value given explicitly always wins.
+
+BYOL's reference set holds the target network's features of the same views, so each query's
+own target twin sits in it (at distance 0 at step 0, when target = online); it is excluded
+from that query's neighbours, as its own row is, so the LID measures the neighbourhood, not
+the EMA lag.
 
 Mixed precision (``amp``): ``"bf16"`` or ``"fp16"`` runs the forward passes and the LDReg
 term under ``torch.autocast`` (fp16: CUDA only, with a ``GradScaler``); the weights, the
@@ -26,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -33,14 +47,16 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..api import lid
-from ..estimators import regularizer
+import warnings
+
+from ..api import DEFAULT_EPS, knn, lid
+from ..estimators import lid_from_distances, regularizer
 from ..registry import BACKENDS, LOAD_ERRORS, available_backends
 from . import dist
 from .augment import RECIPES, augment
 from .data import ImageSet, get_dataset
 from .evaluate import Evaluation, evaluate
-from .methods import DEFAULT_BETA, METHODS, StepOutput
+from .methods import DEFAULT_BETA, METHOD_DEFAULTS, METHODS, StepOutput
 from .models import ResNetEncoder
 from .runs import CHECKPOINT, LOG, atomic_save, safe_load  # noqa: F401  (re-exported)
 
@@ -49,6 +65,15 @@ from .runs import CHECKPOINT, LOG, atomic_save, safe_load  # noqa: F401  (re-exp
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Seeds feed torch.Generator.manual_seed through _generator's mixing, which must stay < 2**64.
 MAX_SEED = 2**29
+
+
+PROTOCOLS = ("custom", "paper")
+PAPER_MONITOR_KS = (32, 512)  # the official code logs the MLE LID at these k every step
+
+
+def paper_k(batch_size: int) -> int:
+    """The paper's k for a batch size: 16 at batch <= 512, 32 at <= 1024, 64 above (DESIGN.md)."""
+    return 16 if batch_size <= 512 else 32 if batch_size <= 1024 else 64
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,16 +104,23 @@ class TrainConfig:
     dataset: str = "mnist5k"
     data_root: Optional[str] = None
     ldreg: bool = True
-    k: int = 32
+    k: Optional[int] = None  # None: 32 ("custom"), paper_k(batch_size) ("paper")
     beta: Optional[float] = None  # None: the paper's 0.01 (SimCLR) / 0.005 (BYOL)
     reg: str = "l1"
     estimator: str = "mom"
-    warmup_epochs: int = 0  # epochs before the regulariser switches on (official code: 10)
+    # epochs before the regulariser switches on; None: 0 ("custom"), 10% of epochs ("paper"; official 10 of 100)
+    warmup_epochs: Optional[int] = None
+    protocol: str = "custom"
+    monitor_ks: Optional[tuple[int, ...]] = None  # MLE LID of the batch logged every step; None: () / (32, 512)
+    # BYOL: base EMA momentum of the target (cosine to 1 over training), and the predictor's
+    # learning rate as a multiple of lr. None: the method's (methods.METHOD_DEFAULTS)
+    momentum: Optional[float] = None
+    predictor_lr_mult: Optional[float] = None
     backend: str = "auto"
     epochs: int = 20
     batch_size: int = 256  # global batch (split across ranks under DDP)
-    lr: float = 2e-3
-    weight_decay: float = 1e-6
+    lr: Optional[float] = None  # None: the method's (methods.METHOD_DEFAULTS): 2e-3 SimCLR, 5e-3 BYOL
+    weight_decay: Optional[float] = None  # None: the method's: 1e-6
     widths: tuple[int, ...] = (16, 32, 64, 128)
     blocks: tuple[int, ...] = (1, 1, 1, 1)
     temperature: float = 0.5
@@ -102,6 +134,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"must be one of {sorted(METHODS)}, got {self.method!r}", "method")
+        for name, value in METHOD_DEFAULTS[self.method].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"must be one of {list(PROTOCOLS)}, got {self.protocol!r}", "protocol")
+        paper = self.protocol == "paper"
+        if self.k is None:
+            self.k = paper_k(self.batch_size) if paper else 32
+        if self.warmup_epochs is None:
+            self.warmup_epochs = round(0.1 * self.epochs) if paper else 0
+        if self.monitor_ks is None:
+            self.monitor_ks = PAPER_MONITOR_KS if paper else ()
+        self.monitor_ks = tuple(int(m) for m in self.monitor_ks)
+        if any(m < 2 for m in self.monitor_ks):
+            raise ConfigError(f"must all be >= 2, got {self.monitor_ks}", "monitor_ks")
+        if not 0 <= float(self.momentum) < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.momentum!r}", "momentum")
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.method]
         if self.dtype not in ("float32", "float64"):
@@ -119,7 +168,8 @@ class TrainConfig:
         if self.k < 2:
             raise ConfigError(f"must be >= 2, got {self.k}", "k")
         # A negative beta would reward collapse: it minimises LID instead of raising it.
-        for name, positive in (("beta", False), ("lr", True), ("weight_decay", False), ("temperature", True)):
+        for name, positive in (("beta", False), ("lr", True), ("weight_decay", False), ("temperature", True),
+                               ("predictor_lr_mult", True)):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0 or (positive and v == 0):
                 raise ConfigError(f"must be a finite number {'>' if positive else '>='} 0, got {v!r}", name)
@@ -200,20 +250,32 @@ class Trainer:
         cfg: the run's configuration.
         out: output folder (created), or ``None`` for an in-memory run (tests).
         data: an already loaded data set (else ``cfg.dataset`` is loaded).
-        progress: show tqdm bars (rank 0 only).
+        progress: report progress (rank 0 only): on a terminal, tqdm bars and a line per epoch;
+            on any other stream (a CI log, a pipe, ``| tee``), the line per epoch alone, with no
+            carriage-return frames.
+        stream: where progress goes (default ``sys.stderr``, looked up when the run starts).
     """
 
     def __init__(self, cfg: TrainConfig, out: Optional[str] = None, *, data: Optional[ImageSet] = None,
-                 progress: bool = True) -> None:
-        self.cfg, self.out, self.progress = cfg, out, progress
+                 progress: bool = True, stream: Optional[Any] = None) -> None:
+        self.cfg, self.out, self.progress, self._stream = cfg, out, progress, stream
         self.rank, self.world = dist.rank(), dist.world_size()
         check_runtime(cfg)
         if cfg.batch_size % (2 * self.world):
             raise ConfigError(f"{cfg.batch_size} must be a multiple of 2 x world size {self.world}", "batch_size")
+        # Rows a query can have as neighbours: the reference less its own row (and BYOL's twin).
         n_ref = 2 * cfg.batch_size * (2 if cfg.method == "byol" else 1)
-        if not 2 <= cfg.k < n_ref:  # the batch LID is logged even with LDReg off
-            raise ConfigError(f"must be in [2, {n_ref - 1}] for this batch (reference of {n_ref} rows), got {cfg.k}",
+        n_cand = n_ref - (2 if cfg.method == "byol" else 1)
+        if not 2 <= cfg.k <= n_cand:  # the batch LID is logged even with LDReg off
+            raise ConfigError(f"must be in [2, {n_cand}] for this batch (reference of {n_ref} rows, less the "
+                              f"query's own{' and its target twin' if cfg.method == 'byol' else ''}), got {cfg.k}",
                               "k")
+        self.monitor_ks = tuple(m for m in cfg.monitor_ks if m <= n_cand)
+        skipped = [m for m in cfg.monitor_ks if m > n_cand]
+        if skipped and dist.rank() == 0:
+            warnings.warn(f"monitor_ks {skipped} skipped: the batch reference has only {n_cand} candidate "
+                          f"neighbours per query (batch {cfg.batch_size}, {cfg.method}); raise the batch size "
+                          "to monitor them", stacklevel=2)
         self.device = torch.device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
         self.data = data if data is not None else get_dataset(cfg.dataset, cfg.data_root)
@@ -226,12 +288,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         mean, std = _channel_stats(self.data.train_x)
         encoder = ResNetEncoder(self.data.image_shape[0], cfg.widths, cfg.blocks, mean, std)
-        extra = {"temperature": cfg.temperature} if cfg.method == "simclr" else {}
+        extra = {"temperature": cfg.temperature} if cfg.method == "simclr" else {"base_momentum": cfg.momentum}
         self.model = METHODS[cfg.method](encoder, **extra).to(self.device, self.dtype)
         self.net: nn.Module = dist.wrap(self.model, self.device)
-        self.opt = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        head = getattr(self.model, "predictor", None)
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if id(p) not in head_ids], "lr_mult": 1.0}]
+        if head_ids:  # BYOL's predictor: its own learning rate (the BYOL/SimSiam practice of a faster head)
+            groups.append({"params": [p for p in params if id(p) in head_ids], "lr_mult": cfg.predictor_lr_mult})
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # Loss scaling keeps small fp16 gradients from flushing to zero; bf16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.epoch, self.step, self.history = 0, 0, []
@@ -266,7 +332,7 @@ class Trainer:
         x = images.to(self.device, self.dtype)
         v1, v2 = augment(x, self.recipe, g), augment(x, self.recipe, g)
         for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group.get("lr_mult", 1.0)
         active = self.ldreg_active(self.epoch)
         # The LID runs inside autocast too, as in the official AMP configs: the kNN ops
         # themselves keep the distances they select and return in float32.
@@ -276,9 +342,12 @@ class Trainer:
                 raise TrainingDiverged(self._diverged_message("features or SSL loss"))
             ref, offset = dist.global_ref(out.ref)
             with torch.set_grad_enabled(active):
-                lids = lid(out.queries if active else out.queries.detach(), ref, cfg.k, estimator=cfg.estimator,
-                           exclude_self=True, self_offset=offset, backend=cfg.backend)
+                lids = self.batch_lid(out.queries if active else out.queries.detach(), ref, offset, cfg.k,
+                                      cfg.estimator)
             reg = regularizer(lids, cfg.beta_value, cfg.reg) if active else torch.zeros((), device=self.device)
+            with torch.no_grad():
+                monitors = {f"lid_k{m}": float(self.batch_lid(out.queries.detach(), ref, offset, m, "mle")
+                                               .double().log().mean().exp()) for m in self.monitor_ks}
         loss = out.loss + reg
         if not bool(torch.isfinite(loss)):
             raise TrainingDiverged(self._diverged_message("loss"))
@@ -294,7 +363,19 @@ class Trainer:
             self.model.update_target((self.step + 1) / self.total_steps)
         self.step += 1
         return {"loss": float(loss.detach()), "ssl_loss": float(out.loss.detach()), "reg_loss": float(reg.detach()),
-                "batch_lid": float(lids.detach().double().log().mean().exp())}
+                "batch_lid": float(lids.detach().double().log().mean().exp()), **monitors}
+
+    def batch_lid(self, q: Tensor, ref: Tensor, offset: int, k: int, estimator: str) -> Tensor:
+        """LID of each query against the batch reference: its own row excluded, and for BYOL also
+        its target twin (row ``offset + 2B + i`` of the reference for query ``i`` of 2B)."""
+        if self.cfg.method != "byol":
+            return lid(q, ref, k, estimator=estimator, exclude_self=True, self_offset=offset, backend=self.cfg.backend)
+        d, idx = knn(q, ref, k + 1, exclude_self=True, self_offset=offset, backend=self.cfg.backend)
+        twin = offset + q.shape[0] + torch.arange(q.shape[0], device=idx.device)
+        drop = idx == twin[:, None]
+        drop[:, -1] |= ~drop.any(1)  # twin not among the k + 1: drop the farthest instead
+        keep = torch.sort(drop.to(torch.uint8), dim=1, stable=True).indices[:, :k]  # order kept
+        return lid_from_distances(d.gather(1, keep), estimator, DEFAULT_EPS)
 
     def _diverged_message(self, what: str) -> str:
         path = os.path.join(self.out, CHECKPOINT) if self.out else None
@@ -302,6 +383,20 @@ class Trainer:
                 if path and os.path.exists(path) else "no checkpoint was written yet")
         return (f"non-finite {what} at epoch {self.epoch + 1}, step {self.step + 1}: stopping; {kept}. "
                 "Lower --lr or --beta, or check the input data")
+
+    # -- progress -------------------------------------------------------------------------
+    @property
+    def stream(self) -> Any:
+        return self._stream if self._stream is not None else sys.stderr
+
+    def bars(self) -> bool:
+        """tqdm bars only on a terminal: elsewhere each refresh would be one more line of log."""
+        isatty = getattr(self.stream, "isatty", None)
+        try:
+            tty = bool(isatty()) if callable(isatty) else False
+        except (ValueError, OSError):  # a closed stream
+            tty = False
+        return self.progress and self.rank == 0 and tty
 
     # -- epochs ---------------------------------------------------------------------------
     def batches(self, epoch: int):
@@ -319,14 +414,19 @@ class Trainer:
         self.net.train()
         g = self._generator(self.epoch, 1)
         sums: dict[str, float] = {}
+        per_step: dict[str, list[float]] = {f"lid_k{m}": [] for m in self.monitor_ks}
         bar = tqdm(self.batches(self.epoch), total=self.steps_per_epoch, leave=False, dynamic_ncols=True,
-                   desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.progress or self.rank != 0)
+                   desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.bars(), file=self.stream)
         for images in bar:
             vals = self.train_step(images, g)
             for key, v in vals.items():
                 sums[key] = sums.get(key, 0.0) + v
+                if key in per_step:
+                    per_step[key].append(v)
             bar.set_postfix(loss=f"{vals['loss']:.4f}", lid=f"{vals['batch_lid']:.2f}")
-        return {key: v / self.steps_per_epoch for key, v in sums.items()}
+        rec = {key: v / self.steps_per_epoch for key, v in sums.items()}
+        rec.update({f"steps_{key}": v for key, v in per_step.items()})  # every step's value, for the plot
+        return rec
 
     def evaluate(self) -> Evaluation:
         ev = evaluate(self.model.encoder, self.data, self.cfg.eval_k, self.cfg.backend)
@@ -357,14 +457,20 @@ class Trainer:
         return summary
 
     def _report(self, rec: dict[str, Any]) -> None:
-        if self.progress:
+        if not self.progress:
+            return
+        ev = (f" probe {rec['probe_acc']:.4f} GM-LID {rec['gm_lid']:.3f} erank {rec['erank']:.2f}"
+              if "probe_acc" in rec else "")
+        line = (f"epoch {rec['epoch']:>3}/{self.cfg.epochs} loss {rec['loss']:.4f} "
+                f"(ssl {rec['ssl_loss']:.4f} reg {rec['reg_loss']:+.4f}) batch LID {rec['batch_lid']:.2f}"
+                + "".join(f" LID@{m} {rec[f'lid_k{m}']:.2f}" for m in self.monitor_ks if f"lid_k{m}" in rec)
+                + f"{ev} [{rec['time_s']:.1f}s]")
+        if self.bars():
             from tqdm.auto import tqdm
 
-            ev = (f" probe {rec['probe_acc']:.4f} GM-LID {rec['gm_lid']:.3f} erank {rec['erank']:.2f}"
-                  if "probe_acc" in rec else "")
-            tqdm.write(f"epoch {rec['epoch']:>3}/{self.cfg.epochs} loss {rec['loss']:.4f} "
-                       f"(ssl {rec['ssl_loss']:.4f} reg {rec['reg_loss']:+.4f}) batch LID {rec['batch_lid']:.2f}"
-                       f"{ev} [{rec['time_s']:.1f}s]")
+            tqdm.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def summary(self, seconds: float = 0.0) -> dict[str, Any]:
         last = next((r for r in reversed(self.history) if "probe_acc" in r), {})
@@ -430,4 +536,5 @@ class Trainer:
         if self.last_eval is None:  # resumed after the last epoch: evaluate the final weights
             self.evaluate()
         torch.save(self.last_eval.lids, os.path.join(self.out, "lids.pt"))
+        torch.save(self.last_eval.spectrum, os.path.join(self.out, "spectrum.pt"))
         plot_runs([self.out], os.path.join(self.out, "plot.png"))
