@@ -79,9 +79,6 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-CPU_PAUSE_S = 0.005
-
-
 def time_interleaved(
     fns: dict[object, Callable[[], object]], device: torch.device, *, warmup: int = 1, min_reps: int = 3,
     max_reps: int = 10, max_s: float = 1.0, slow_s: float = 3.0,
@@ -110,10 +107,6 @@ def time_interleaved(
         for key, fn in fns.items():
             if key in failed or not active(key):
                 continue
-            if device.type == "cpu":
-                # The previous method's OpenMP threads (torch's, FAISS's, KeOps's own runtime)
-                # spin a while after its call; let them sleep before the next one is timed.
-                time.sleep(CPU_PAUSE_S)
             try:
                 ts[key].append(_timed_call(fn, device))
             except Exception as e:  # noqa: BLE001 - reported per method by the caller
