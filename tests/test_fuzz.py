@@ -234,7 +234,9 @@ def check_case(backend: str, c: dict) -> None:
     assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     dist_c, idx_c = dist.detach().cpu(), idx.cpu()
     checked = assert_knn_matches(dist_c, idx_c, x.detach().cpu(), ref_v, k, excl, off, robust=robust)
-    if c["kind"] == "lattice":  # exact distances: the order, ties to the lower index, is exact too
+    # Exact distances: the order, ties to the lower index, is exact too (not with far rows: their
+    # distances, ~1e8 and more, are not exact in float32, so float32 ties differ from float64's).
+    if c["kind"] == "lattice" and not c.get("far"):
         assert torch.equal(idx_c, i64[:, :k]), "lattice (exact ties): indices differ from the oracle's"
         STATS[backend]["lattice"] += 1
     STATS[backend]["examples"] += 1

@@ -75,8 +75,8 @@ def test_calls_do_not_grow_with_the_batch(backend, monkeypatch):
     """ldreg_loss forward + backward at D=2048: torch at the paper's per-GPU shape (N=4096,
     k=64), triton's host code on small shapes (interpreter: N=256, k=16). Calls at B=1024
     (triton: 256) at most twice those at a quarter of the batch plus a constant, and at most
-    300; one host sync a forward (the inputs' extremes and the certificate's redo count,
-    read together), none in the backward. Rows the certificate cannot prove (rare on such
+    300; one host sync a forward (the inputs' extremes, the certificate's redo count and the
+    number of distances too small to trust unchecked, read together), none in the backward. Rows the certificate cannot prove (rare on such
     features) add at most REDO calls and one sync, however many they are."""
     if backend not in L.available_backends("cpu"):
         pytest.skip(f"{backend} not available on cpu")
