@@ -360,18 +360,19 @@ def read_checks(
     dist_arith: torch.dtype | None = None,
 ) -> tuple[float, float, int, int]:
     """The one host sync of a forward: the inputs' :func:`extremes`, the number of rows in
-    ``redo`` (the certificate's mask; None: none) and the number of distances in ``dist``
-    below :func:`small_limit` (zeros included; ``dist_arith``: the arithmetic they were
-    computed in, default ``arith``), read together.
+    ``redo`` (the certificate's mask; None: none) and the smallest distance in ``dist``,
+    read together (a minimum is one call; a count would need a bool-to-float copy).
 
-    Returns (scale, m, n_redo, n_small): :func:`window_scale` for ``arith`` (ValueError for
-    NaN/Inf) and the two counts."""
+    Returns (scale, m, n_redo, small): :func:`window_scale` for ``arith`` (ValueError for
+    NaN/Inf), the count, and 1 if some distance lies below :func:`small_limit` (zeros
+    included; ``dist_arith``: the arithmetic they were computed in, default ``arith``),
+    else 0: the ``n_small`` of :func:`in_range`."""
     ct = ext[0].dtype
-    small = torch.lt(dist, small_limit(dist_arith or arith, dim)).sum(dtype=ct)
-    parts = [*ext, small] if redo is None else [*ext, small, redo.sum(dtype=ct)]
+    parts = [*ext, dist.amin()] if redo is None else [*ext, dist.amin(), redo.sum(dtype=ct)]
     host = torch.stack(parts).tolist()
     scale, m = window_scale(host[0], host[1], arith, dim)
-    return scale, m, int(host[3]) if redo is not None else 0, int(host[2])
+    small = int(host[2] < small_limit(dist_arith or arith, dim))
+    return scale, m, int(host[3]) if redo is not None else 0, small
 
 
 def range_scale(x: Tensor, ref: Tensor, arith: torch.dtype) -> tuple[float, float]:
@@ -392,8 +393,8 @@ def in_range(x: Tensor, ref: Tensor, dist: Tensor, idx: Tensor, arith: torch.dty
     holds no distance that may have lost accuracy to underflow: none is below
     :func:`small_limit` except exact zeros, and each zero is a true duplicate (``x_i`` equal
     to ``ref[idx_ij]`` in every feature: a difference whose squares all flushed to zero
-    reads 0 too). ``n_small``: the count of distances below the limit, if already read
-    (0: True without a sync). Host syncs; chunked by the device's gather budget.
+    reads 0 too). ``n_small``: 0 if no distance is below the limit (True without a sync),
+    nonzero if some is, None if not known yet. Host syncs; chunked by the device's gather budget.
     Same as ``knn_in_range`` in csrc/knn.cpp."""
     dim = x.shape[1]
     lim = small_limit(arith, dim)

@@ -97,7 +97,9 @@ def test_calls_do_not_grow_with_the_batch(backend, monkeypatch):
         if backend == "triton" and not redos[-1]:  # selection and re-rank; the backward
             assert (f.launches, bw.launches) == (2, 1)
     assert totals[1] <= 2 * totals[0] + 50, totals
-    assert totals[1] <= 300, (totals, redos)
+    # 300 before issue #24's range check; it reads the smallest distance at the same sync
+    # (measured 298 at B=256, 305 at B=1024 for torch: see the branch's report).
+    assert totals[1] <= 310, (totals, redos)
 
 
 def test_cpu_plan_loops_by_chunk_not_by_row(monkeypatch):
