@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <sstream>
 
 namespace ldreg {
 
@@ -85,22 +86,85 @@ RangeScale range_scale(const at::Tensor& x, const at::Tensor& ref) {
   }
   RangeScale r;
   r.max_abs = std::max({-v[0], v[1], -v[2], v[3]});
-  const int lim = x.scalar_type() == at::kDouble ? kRangeExpDouble : kRangeExpFloat;
+  const bool dbl = x.scalar_type() == at::kDouble;
+  const int lim = dbl ? kRangeExpDouble : kRangeExpFloat;
   if (r.max_abs == 0 || (r.max_abs >= std::ldexp(1.0, -lim) && r.max_abs <= std::ldexp(1.0, lim))) return r;
-  int e = 0;
-  std::frexp(r.max_abs, &e);  // max_abs = f * 2^e, f in [0.5, 1)
-  r.scale = std::ldexp(1.0, 1 - e);
+  r.scale = top_scale(r.max_abs, x.size(1), dbl);
   return r;
 }
 
-at::Tensor RangeScale::apply(const at::Tensor& t) const { return scale == 1.0 ? t : t * scale; }
+double top_scale(double m, int64_t dim, bool dbl) {
+  if (m == 0) return 1.0;
+  int c = 0;  // ceil(log2(dim) / 2): 2^c >= sqrt(dim)
+  while ((int64_t{1} << (2 * c)) < dim) ++c;
+  const int t = (dbl ? kTopExpDouble : kTopExpFloat) - c;
+  int e = 0;
+  std::frexp(m, &e);  // m = f * 2^e, f in [0.5, 1)
+  return std::ldexp(1.0, std::min(t - e, 1023));  // 2^1023 at most: see _host.top_scale
+}
+
+namespace {
+// t *= s for a power of two s, exact: in two steps where s is no normal float (a Scalar is
+// rounded to the tensor's dtype: 2^150 would read inf).
+void mul_pow2_(at::Tensor& t, double s) {
+  int e = 0;
+  std::frexp(s, &e);
+  e -= 1;  // s = 2^e
+  if ((e >= -126 && e <= 127) || t.scalar_type() == at::kDouble) {
+    t.mul_(s);
+  } else {
+    t.mul_(std::ldexp(1.0, e / 2)).mul_(std::ldexp(1.0, e - e / 2));
+  }
+}
+}  // namespace
+
+at::Tensor RangeScale::apply(const at::Tensor& t) const {
+  if (scale == 1.0) return t;
+  const auto st = t.scalar_type();
+  at::Tensor out = st == at::kDouble || st == at::kFloat ? t.clone() : t.to(at::kFloat);
+  mul_pow2_(out, scale);
+  return out;
+}
 
 void RangeScale::unscale(at::Tensor& dist) const {
   if (scale == 1.0) return;
-  dist.mul_(1.0 / scale);
+  mul_pow2_(dist, 1.0 / scale);
   TORCH_CHECK_VALUE(dist.scalar_type() == at::kDouble || at::isfinite(dist).all().item<bool>(),
                     "the distances overflow float32 (largest |feature| is ", max_abs,
                     "); pass float64 features");
+}
+
+bool distances_in_range(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& dist, const at::Tensor& idx) {
+  const bool dbl = dist.scalar_type() == at::kDouble;
+  const double limit = std::sqrt(static_cast<double>(x.size(1))) *
+                       std::ldexp(1.0, dbl ? kSmallExpDouble : kSmallExpFloat);
+  const at::Tensor small = dist.lt(limit);
+  if (!small.any().item<bool>()) return true;
+  if (small.logical_and(dist.gt(0)).any().item<bool>()) return false;
+  // Zeros: a true duplicate, or a difference whose squares all flushed to zero.
+  const at::Tensor nz = small.nonzero();
+  const at::Tensor rows = nz.select(1, 0), js = idx.index({rows, nz.select(1, 1)});
+  constexpr int64_t kBudget = int64_t{1} << 22;
+  const int64_t n = rows.numel(), step = std::max<int64_t>(1, kBudget / std::max<int64_t>(1, x.size(1)));
+  for (int64_t s = 0; s < n; s += step) {
+    const int64_t len = std::min(step, n - s);
+    if (x.index_select(0, rows.narrow(0, s, len)).ne(ref.index_select(0, js.narrow(0, s, len))).any().item<bool>()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::string range_error_message(double max_abs, int64_t dim, bool dbl) {
+  const char* name = dbl ? "float64" : "float32";
+  const int e = dbl ? kExactExpDouble : kExactExpFloat;
+  std::ostringstream os;
+  os << "the features span too wide a range for " << name << ": beside features up to |" << max_abs
+     << "| some nonzero distance is too small for " << name
+     << " to hold exactly (the distances are exact when every nonzero neighbour distance is at least 2^" << e
+     << " * D * max|feature| = " << std::ldexp(static_cast<double>(dim), e) * max_abs << "); "
+     << (dbl ? "rescale or drop the outlying rows" : "pass float64 features");
+  return os.str();
 }
 
 void redo_exhaustive(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& rows,

@@ -14,6 +14,7 @@
 #include <math.h>
 
 #include <limits>
+#include <string>
 #include <tuple>
 
 namespace ldreg {
@@ -54,18 +55,31 @@ LDREG_HOST_DEVICE inline bool certified(T w, T bound, T a, T coef) {
   return w * w < bound - coef * a;
 }
 
-// Inputs whose largest magnitude m lies outside [2^-kRangeExp, 2^kRangeExp] (per the
-// kernel's arithmetic: fp64 for double input, else fp32) are multiplied by a power of two
-// that brings m into [1, 2): there squared distances can neither overflow nor underflow.
-// Distances are scale-equivariant and the product is exact, so the result is the same,
-// bit for bit, up to that power of two. Same windows as _host.RANGE_EXP.
+// Range scaling. Inputs whose largest magnitude m lies inside [2^-kRangeExp, 2^kRangeExp]
+// (per the kernel's arithmetic: fp64 for double input, else fp32) run as they are; outside
+// it they are multiplied by the power of two s that puts m s in [2^(t - 1), 2^t),
+// t = kTopExp - ceil(log2(D) / 2): the top of the range, where no squared quantity of the
+// search (about 16 D (m s)^2) can overflow, and the most room is left below. Distances are
+// scale-equivariant and the product is exact, so the result is the same, bit for bit, up to
+// that power of two. A distance d (as computed, scaled) is exact while d >= sqrt(D)
+// 2^kSmallExp: its D squared terms then lose at most D 2^-126 (2^-1022) to flushing. So
+// float32 distances are exact for d >= 2^-108 D m (float64: 2^-989 D m); a batch whose
+// returned distances fall below that limit (knn_in_range) is run again at the top scale, and
+// raises ValueError there. Same constants as _host.RANGE_EXP, TOP_EXP, SMALL_EXP, EXACT_EXP.
 constexpr int kRangeExpFloat = 32;
 constexpr int kRangeExpDouble = 256;
+constexpr int kTopExpFloat = 59;
+constexpr int kTopExpDouble = 507;
+constexpr int kSmallExpFloat = -51;
+constexpr int kSmallExpDouble = -484;
+constexpr int kExactExpFloat = -108;
+constexpr int kExactExpDouble = -989;
 
 struct RangeScale {
   double scale = 1.0;    // the inputs are multiplied by scale, the distances divided
   double max_abs = 0.0;  // m, for the error message
-  // t * scale, or t itself when no scaling is needed.
+  // t * scale (in float for half/bf16 t, whose own range a scale up could overflow), or t
+  // itself when no scaling is needed.
   at::Tensor apply(const at::Tensor& t) const;
   // dist / scale in place; ValueError when float32 cannot hold the distances.
   void unscale(at::Tensor& dist) const;
@@ -74,6 +88,40 @@ struct RangeScale {
 // Raises ValueError (the Python API's message) if x or ref holds NaN or Inf (one device
 // sync for both), else the scaling above. Same as _host.range_scale.
 RangeScale range_scale(const at::Tensor& x, const at::Tensor& ref);
+
+// The top scale for max |feature| m (1 for m = 0), D = dim, fp64 arithmetic if dbl. Same as
+// _host.top_scale.
+double top_scale(double m, int64_t dim, bool dbl);
+
+// Whether dist (computed from x and ref scaled by a power of two, in dist's dtype) holds no
+// distance that may have lost accuracy to underflow: none below sqrt(D) 2^kSmallExp except
+// exact zeros, and each zero a true duplicate (x_i equal to ref[idx_ij] in every feature).
+// One sync in the common case (none below the limit); more only when some are. Same as
+// _host.in_range.
+bool distances_in_range(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& dist, const at::Tensor& idx);
+
+// The ValueError message for a batch whose distances cannot all be held exactly.
+std::string range_error_message(double max_abs, int64_t dim, bool dbl);
+
+// A forward under the range rule: run(xs, refs) -> (dist, idx) on the inputs scaled by
+// range_scale; if distances_in_range fails, again at the top scale, and ValueError if it
+// fails there too; the distances divided by the scale. Used by knn_cpu and knn_cuda. Same
+// as the Python forwards' use of _host.read_checks / in_range / run_in_range.
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor> knn_in_range(const at::Tensor& x, const at::Tensor& ref, Run&& run) {
+  RangeScale range = range_scale(x, ref);
+  const bool dbl = x.scalar_type() == at::kDouble;
+  at::Tensor dist, idx;
+  std::tie(dist, idx) = run(range.apply(x).contiguous(), range.apply(ref).contiguous());
+  if (!distances_in_range(x, ref, dist, idx)) {
+    TORCH_CHECK_VALUE(range.scale == 1.0, range_error_message(range.max_abs, x.size(1), dbl));
+    range.scale = top_scale(range.max_abs, x.size(1), dbl);
+    std::tie(dist, idx) = run(range.apply(x).contiguous(), range.apply(ref).contiguous());
+    TORCH_CHECK_VALUE(distances_in_range(x, ref, dist, idx), range_error_message(range.max_abs, x.size(1), dbl));
+  }
+  range.unscale(dist);
+  return {dist, idx};
+}
 
 // Validates shapes/dtypes/devices/k for direct C++ callers; Python validates first with
 // friendlier messages. Throws c10::ValueError / c10::TypeError.

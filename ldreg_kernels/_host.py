@@ -34,11 +34,23 @@ INPUT_UNIT = {"ieee": 0.0, "tf32": 2.0**-10, "tf32x3": 2.0**-19, "bf16": 2.0**-8
 FP32_EPS = 2.0**-23
 
 
-# Inputs whose largest magnitude m lies outside [2^-e, 2^e] for the selection arithmetic are
-# scaled by a power of two into [1, 2) (:func:`range_scale`). Within the window squared
-# distances (< 16 D m^2) cannot overflow, nor differences at the inputs' resolution
-# (m 2^-24)^2 underflow. Same as kRangeExp* in csrc/knn.h.
+# Range scaling (:func:`window_scale`). Inputs whose largest magnitude m lies inside
+# [2^-e, 2^e] for the selection arithmetic (RANGE_EXP) run as they are; outside it they are
+# scaled by a power of two s that puts m s at the top of the range (:func:`top_scale`:
+# [2^(t - 1), 2^t), t = TOP_EXP - ceil(log2(D) / 2), so the largest squared quantity, about
+# 16 D (m s)^2, stays below 2^123 in float32 and 2^1019 in float64). Scaling by a power of
+# two is exact, and the top leaves the most room below: a distance d is computed to full
+# accuracy whenever its squares stay clear of the subnormals, d s >= sqrt(D) SMALL_FRAC
+# (:func:`small_limit`: the D squared terms then lose at most D 2^-126 (2^-1022) to flushing,
+# half a unit of d^2). So float32 distances are exact for d >= 2^-108 D m (float64:
+# 2^-989 D m) whatever else the batch holds; a returned distance below the limit
+# (:func:`in_range`) is redone at the top scale, and raises ValueError there
+# (:func:`range_error`). Same constants as kRangeExp*, kTopExp*, kSmallExp* in csrc/knn.h.
 RANGE_EXP = {torch.float32: 32, torch.float64: 256}
+TOP_EXP = {torch.float32: 59, torch.float64: 507}
+SMALL_EXP = {torch.float32: -51, torch.float64: -484}
+# The guarantees those constants give, as documented (README, "Bad and degenerate input").
+EXACT_EXP = {torch.float32: -108, torch.float64: -989}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -291,43 +303,76 @@ def exhaustive(x: Tensor, ref: Tensor, k: int, own: Tensor | None) -> tuple[Tens
     return dist, idx
 
 
-def extremes(x: Tensor, ref: Tensor) -> Tensor:
-    """(4,) on the device: min x, max x, min ref, max ref, without a host sync; float32 or
-    float64 (half inputs widened, so that a row count read beside them stays exact).
+def extremes(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """(max |x|, max |ref|) as 0-d tensors on the device, without a host sync; float32 or
+    float64 (half inputs widened, so that counts read beside them stay exact).
 
-    ``aminmax`` propagates NaN and an Inf is its own extreme, so these four values also tell
-    whether the inputs are finite (:func:`window_scale`), without a boolean copy of a large
-    ``ref``."""
-    ext = torch.stack([*torch.aminmax(x), *torch.aminmax(ref)])
-    return ext if ext.dtype in (torch.float32, torch.float64) else ext.float()
+    The infinity norm propagates NaN and an Inf is its own maximum, so these two values also
+    tell whether the inputs are finite (:func:`window_scale`), without a boolean copy of a
+    large ``ref``."""
+    ct = compute_dtype(x.dtype)
+    inf = float("inf")
+    if x.dtype == ct:
+        return torch.linalg.vector_norm(x, inf), torch.linalg.vector_norm(ref, inf)
+    return torch.linalg.vector_norm(x, inf, dtype=ct), torch.linalg.vector_norm(ref, inf, dtype=ct)
 
 
-def window_scale(ext: list[float], arith: torch.dtype) -> tuple[float, float]:
-    """(scale, m) from the four values of :func:`extremes` read on the host: the power of
-    two that brings m = max(|x|, |ref|) into [1, 2) when m lies outside the window of
-    ``arith`` (:data:`RANGE_EXP`), else 1.0. ValueError for NaN/Inf."""
-    for name, lo, hi in (("x", ext[0], ext[1]), ("ref", ext[2], ext[3])):
-        if not (math.isfinite(lo) and math.isfinite(hi)):
+def _check_finite(mx: float, mr: float) -> None:
+    for name, v in (("x", mx), ("ref", mr)):
+        if not math.isfinite(v):
             raise ValueError(
                 f"{name} contains NaN or Inf; LID is undefined for non-finite features "
                 "(check the encoder output before the regulariser)"
             )
-    m = max(-ext[0], ext[1], -ext[2], ext[3])
+
+
+def top_scale(m: float, arith: torch.dtype, dim: int) -> float:
+    """The power of two s with m s in [2^(t - 1), 2^t), t = ``TOP_EXP[arith]`` - ceil(log2(D) / 2):
+    the largest scale at which no squared quantity of the search can overflow (1.0 for m = 0).
+    At most 2^1023 (float64 m below ~1e-155: every distance float64 can represent is then far
+    above :func:`small_limit`)."""
+    if m == 0:
+        return 1.0
+    t = TOP_EXP[arith] - (max(dim - 1, 0).bit_length() + 1) // 2
+    return math.ldexp(1.0, min(t - math.frexp(m)[1], 1023))
+
+
+def small_limit(arith: torch.dtype, dim: int) -> float:
+    """Distances (in the units they were computed in) below which they may have lost
+    accuracy to subnormal squares: sqrt(D) 2^SMALL_EXP. Exact zeros are checked apart."""
+    return math.sqrt(dim) * math.ldexp(1.0, SMALL_EXP[arith])
+
+
+def window_scale(mx: float, mr: float, arith: torch.dtype, dim: int) -> tuple[float, float]:
+    """(scale, m) from the two values of :func:`extremes` read on the host: 1.0 when
+    m = max(|x|, |ref|) lies in the window of ``arith`` (:data:`RANGE_EXP`), else
+    :func:`top_scale`. ValueError for NaN/Inf."""
+    _check_finite(mx, mr)
+    m = max(mx, mr)
     lim = RANGE_EXP[arith]
     if m == 0 or 2.0**-lim <= m <= 2.0**lim:
         return 1.0, m
-    return math.ldexp(1.0, 1 - math.frexp(m)[1]), m
+    return top_scale(m, arith, dim), m
 
 
-def read_checks(ext: Tensor, redo: Tensor | None, arith: torch.dtype) -> tuple[float, float, int]:
-    """The one host sync of a forward: the inputs' :func:`extremes` and the number of rows
-    in ``redo`` (the certificate's mask; None: none), read together.
+def read_checks(
+    ext: tuple[Tensor, Tensor], redo: Tensor | None, dist: Tensor, arith: torch.dtype, dim: int,
+    dist_arith: torch.dtype | None = None,
+) -> tuple[float, float, int, int]:
+    """The one host sync of a forward: the inputs' :func:`extremes`, the number of rows in
+    ``redo`` (the certificate's mask; None: none) and the smallest distance in ``dist``,
+    read together (a minimum is one call; a count would need a bool-to-float copy).
 
-    Returns (scale, m, n_redo): :func:`window_scale` for ``arith`` (ValueError for NaN/Inf)
-    and the count."""
-    host = torch.cat([ext] if redo is None else [ext, redo.sum(dtype=ext.dtype).view(1)]).tolist()
-    scale, m = window_scale(host[:4], arith)
-    return scale, m, 0 if redo is None else int(host[4])
+    Returns (scale, m, n_redo, small): :func:`window_scale` for ``arith`` (ValueError for
+    NaN/Inf), the count, and 1 if some distance lies below :func:`small_limit` (zeros
+    included; ``dist_arith``: the arithmetic they were computed in, default ``arith``),
+    else 0: the ``n_small`` of :func:`in_range`."""
+    ct = ext[0].dtype
+    parts = [*ext, dist.amin()] if redo is None else [*ext, dist.amin(), redo.sum(dtype=ct)]
+    host = torch.stack(parts).tolist()
+    scale, m = window_scale(host[0], host[1], arith, dim)
+    small = int(host[2] < small_limit(dist_arith or arith, dim))
+    return scale, m, int(host[3]) if redo is not None else 0, small
 
 
 def range_scale(x: Tensor, ref: Tensor, arith: torch.dtype) -> tuple[float, float]:
@@ -339,14 +384,86 @@ def range_scale(x: Tensor, ref: Tensor, arith: torch.dtype) -> tuple[float, floa
     (|x| ~ 1e19 in fp32) or underflow. Raises ValueError for NaN/Inf. Same as
     ``range_scale`` in csrc/knn.cpp.
     """
-    return window_scale(extremes(x, ref).tolist(), arith)
+    mx, mr = torch.stack(extremes(x, ref)).tolist()
+    return window_scale(mx, mr, arith, x.shape[1])
+
+
+def in_range(x: Tensor, ref: Tensor, dist: Tensor, idx: Tensor, arith: torch.dtype, n_small: int | None = None) -> bool:
+    """Whether ``dist`` (computed in ``arith`` from ``x``, ``ref`` scaled by a power of two)
+    holds no distance that may have lost accuracy to underflow: none is below
+    :func:`small_limit` except exact zeros, and each zero is a true duplicate (``x_i`` equal
+    to ``ref[idx_ij]`` in every feature: a difference whose squares all flushed to zero
+    reads 0 too). ``n_small``: 0 if no distance is below the limit (True without a sync),
+    nonzero if some is, None if not known yet. Host syncs; chunked by the device's gather budget.
+    Same as ``knn_in_range`` in csrc/knn.cpp."""
+    dim = x.shape[1]
+    lim = small_limit(arith, dim)
+    if n_small == 0:
+        return True
+    small = dist < lim
+    if n_small is None and not bool(small.any()):
+        return True
+    if bool((small & (dist > 0)).any()):
+        return False
+    rows, cols = small.nonzero(as_tuple=True)
+    js = idx[rows, cols]
+    step = row_chunk(rows.numel(), dim, _budget.budget(x.device).gather)
+    for s in range(0, rows.numel(), step):
+        if bool((x[rows[s : s + step]] != ref[js[s : s + step]]).any()):
+            return False
+    return True
+
+
+def range_error(arith: torch.dtype, m: float, dim: int) -> ValueError:
+    """The ValueError for a batch whose distances ``arith`` cannot all hold exactly."""
+    name = "float32" if arith == torch.float32 else "float64"
+    floor = math.ldexp(float(dim), EXACT_EXP[arith])
+    hint = "pass float64 features" if arith == torch.float32 else "rescale or drop the outlying rows"
+    return ValueError(
+        f"the features span too wide a range for {name}: beside features up to |{m:g}| some nonzero "
+        f"distance is too small for {name} to hold exactly (the distances are exact when every nonzero "
+        f"neighbour distance is at least 2^{EXACT_EXP[arith]} * D * max|feature| = {floor * m:g}); {hint}"
+    )
+
+
+def scaled_inputs(x: Tensor, ref: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``x`` and ``ref`` times ``scale`` in the compute dtype (a half input scaled up would
+    overflow its own dtype)."""
+    ct = compute_dtype(x.dtype)
+    return mul_pow2(as_dtype(x, ct), scale), mul_pow2(as_dtype(ref, ct), scale)
+
+
+def mul_pow2(t: Tensor, scale: float) -> Tensor:
+    """``t * scale`` for a power of two ``scale``, exact: in two steps where ``scale`` is no
+    normal float32 (a Scalar is rounded to the tensor's dtype: 2^150 would read inf)."""
+    e = math.frexp(scale)[1] - 1
+    if -126 <= e <= 127 or t.dtype == torch.float64:
+        return t * scale
+    return t * math.ldexp(1.0, e // 2) * math.ldexp(1.0, e - e // 2)
 
 
 def unscale(dist: Tensor, scale: float, max_abs: float) -> Tensor:
     """``dist / scale`` (exact); ValueError when float32 cannot hold the distances."""
-    dist = dist * (1.0 / scale)
+    dist = mul_pow2(dist, 1.0 / scale)
     if dist.dtype != torch.float64 and not bool(torch.isfinite(dist).all()):
         raise ValueError(
             f"the distances overflow float32 (largest |feature| is {max_abs:g}); pass float64 features"
         )
     return dist
+
+
+def run_in_range(run, x: Tensor, ref: Tensor, scale: float, m: float, arith: torch.dtype, dist_arith: torch.dtype | None = None,
+                 fallback=None) -> tuple[Tensor, Tensor]:
+    """The slow path of every Python forward: ``run`` (scaled inputs -> (dist, idx)) at the
+    top scale :func:`top_scale` (``scale``, when the first attempt already ran there: then
+    only the check), checked by :func:`in_range` against the original inputs, unscaled.
+    ``fallback`` (optional, (x, ref) -> (dist, idx)): what to run instead of raising
+    :func:`range_error` (Triton's fp32 selection of float64 hands over to a float64 one)."""
+    dim = x.shape[1]
+    xs, rs = scaled_inputs(x, ref, scale)
+    dist, idx = run(xs, rs)
+    if not in_range(x, ref, dist, idx, dist_arith or arith):
+        if fallback is not None:
+            return fallback(x, ref)
+        raise range_error(dist_arith or arith, m, dim)
+    return unscale(dist, scale, m), idx

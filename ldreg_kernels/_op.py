@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._host import compute_dtype, range_scale, unscale
+from ._host import compute_dtype, in_range, range_scale, run_in_range, top_scale
 
 __all__ = ["Backend", "define_knn_op", "define_backward_op", "register_native_op", "backward_of"]
 
@@ -164,7 +164,8 @@ def define_knn_op(
     name: str, impl: KnnImpl, backward_op, device_types=None, checks_input: bool = False,
 ):
     """Define ``ldreg::knn_<name>`` from ``impl``, with the NaN/Inf check and range scaling
-    (``_host.range_scale``, in the compute dtype's window), the fake kernel, the autocast rule and an autograd
+    (``_host.range_scale``, in the compute dtype's window; ``_host.in_range`` and
+    ``_host.run_in_range`` for batches whose distances the first run could not hold), the fake kernel, the autocast rule and an autograd
     that runs ``backward_op`` (this backend's own backward).
 
     ``checks_input``: ``impl`` does the NaN/Inf check and range scaling itself (so that it
@@ -173,11 +174,15 @@ def define_knn_op(
     def forward(x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
         if checks_input:
             return impl(x.contiguous(), ref.contiguous(), k, self_offset, exclude_self)
-        scale, max_abs = range_scale(x, ref, compute_dtype(x.dtype))
-        if scale != 1.0:
-            x, ref = x * scale, ref * scale
-        dist, idx = impl(x.contiguous(), ref.contiguous(), k, self_offset, exclude_self)
-        return (dist, idx) if scale == 1.0 else (unscale(dist, scale, max_abs), idx)
+        ct = compute_dtype(x.dtype)
+        scale, max_abs = range_scale(x, ref, ct)
+        if scale == 1.0:
+            dist, idx = impl(x.contiguous(), ref.contiguous(), k, self_offset, exclude_self)
+            if in_range(x, ref, dist, idx, ct):
+                return dist, idx
+            scale = top_scale(max_abs, ct, x.shape[1])
+        return run_in_range(lambda xs, rs: impl(xs.contiguous(), rs.contiguous(), k, self_offset, exclude_self),
+                            x, ref, scale, max_abs, ct)
 
     op = torch.library.custom_op(f"ldreg::knn_{name}", forward, mutates_args=(), device_types=device_types)
     op.register_fake(fake_knn)

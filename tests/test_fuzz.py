@@ -15,6 +15,15 @@ Checked, per example:
   condition-scaled float32 tolerance of ``utils.lid_rtol``;
 - the backward matches ``sum_j g_ij (x_i - ref_j) / r_ij`` over the returned neighbours.
 
+Also varied (issue #24, item 7): a few rows far outside the others' scale, above or below
+(float32/bfloat16 by 10^+-8..24, float64 by 10^+-8..250, float16 by 10^+-1..2), with the
+oracle and the gradient's formula by per-pair scaled differences (``utils.robust_cdist``),
+and the mixed-scale rule checked both ways: exact where the smallest nonzero neighbour
+distance is at least 2^-108 D max|feature| (float64: 2^-989), ValueError well below it;
+whole-batch scales out to 10^+-30 (float32, gradients included) and 10^+-300 (float64); and
+``eps`` from the dtype's floor (2^-63 float32/half, 2^-511 float64) up, with the floor's
+refusal just below it.
+
 Profiles (env LDREG_FUZZ_PROFILE): "ci" (default; bounded, ~1 minute on 2 cores) and "long"
 (20x the examples). Examples are drawn from the session seed (LDREG_TEST_SEED, printed in
 the pytest header), like the rest of the suite: fresh each run, reproducible on demand; a
@@ -37,7 +46,7 @@ from hypothesis import strategies as st
 import ldreg_kernels as L
 from ldreg_kernels import reference
 from ldreg_kernels.estimators import lid_from_distances
-from utils import SESSION_SEED, assert_knn_matches, lid_rtol, oracle
+from utils import SESSION_SEED, assert_knn_matches, lid_rtol, oracle, robust_oracle
 
 PROFILE = os.environ.get("LDREG_FUZZ_PROFILE", "ci")
 # Examples per backend: (fast backends, the Triton interpreter).
@@ -64,7 +73,8 @@ def _report_counts(request):
     for b, s in STATS.items():
         lines.append(
             f"  {b}: {int(s['examples'])} examples, {int(s['rows'])} query rows, index sets checked on "
-            f"{s['checked'] / max(s['rows'], 1):.0%} of rows ({int(s['lattice'])} lattice examples checked exactly)"
+            f"{s['checked'] / max(s['rows'], 1):.0%} of rows ({int(s['lattice'])} lattice examples checked exactly); "
+            f"{int(s['far'])} with rows far outside the others' scale, {int(s['raised'])} refused by the mixed-scale rule"
         )
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
     capman = request.config.pluginmanager.get_plugin("capturemanager")
@@ -90,7 +100,15 @@ def cases(draw, small: bool) -> dict:
     k = draw(st.integers(1, n - excluded))
     # Half precision: keep every value in float16's range (fp16 max 65504).
     lo, hi = (-3, 2) if dtype == torch.float16 else (-6, 6)
-    scale_exp = draw(st.integers(lo, hi))
+    wide = {torch.float32: 30, torch.float64: 300}.get(dtype)
+    scale_exp = draw(st.integers(lo, hi) if wide is None else st.one_of(st.integers(lo, hi), st.integers(-wide, wide)))
+    # A few rows far above or below the others' scale (none in most examples).
+    far_max = {torch.float16: 2, torch.float64: 250}.get(dtype, 24)
+    far_lo = 1 if dtype == torch.float16 else 8
+    far = draw(st.sampled_from([0, 0, 0, 1, 2, 3]))
+    far_exp = draw(st.integers(far_lo, far_max)) * draw(st.sampled_from([1, -1])) if far else 0
+    floor = {torch.float64: 2.0**-511}.get(dtype, 2.0**-63)
+    eps = draw(st.sampled_from([EPS, EPS, floor, floor * 8, 1e-30 if dtype == torch.float64 else 1e-16, 1e-3]))
     shift = draw(st.sampled_from([0.0, 0.0, 0.0, 1e2] + ([] if dtype == torch.float16 else [1e4])))
     return dict(
         dtype=dtype, mode=mode, kind=kind, b=b, n=n, d=d, k=k, scale_exp=scale_exp, shift=shift,
@@ -102,6 +120,7 @@ def cases(draw, small: bool) -> dict:
         ref_grad=mode != "self" and draw(st.booleans()),
         estimator=draw(st.sampled_from(["mom", "mle"])),
         seed=draw(st.integers(0, 2**31 - 1)),
+        far=far, far_exp=far_exp, eps=eps,
     )
 
 
@@ -144,6 +163,9 @@ def build(c: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, boo
     # Lattice data: a power-of-two scale keeps every distance exact (ties stay ties).
     scale = 2.0 ** round(c["scale_exp"] * math.log2(10)) if c["kind"] == "lattice" else 10.0 ** c["scale_exp"]
     pool = (pool + c["shift"]) * scale
+    if c.get("far"):  # a few rows far outside the others' scale (query rows or reference rows)
+        rows = torch.randperm(pool.shape[0], generator=g)[: c["far"]]
+        pool[rows] *= 10.0 ** c["far_exp"]
     if c["mode"] == "bank":
         ref_v, x_v = pool[: c["n"]], pool[c["n"] : c["n"] + b].clone()
         if c["bank_has_queries"]:  # a query's exact copy in the bank: a neighbour at distance 0
@@ -152,7 +174,8 @@ def build(c: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, boo
         ref_v = pool[: c["n"]]
         x_v = ref_v[c["offset"] : c["offset"] + b].clone()
     ref_v, x_v = ref_v.to(c["dtype"]), x_v.to(c["dtype"])
-    assume(bool(torch.isfinite(ref_v.float()).all()))
+    finite = ref_v.double() if c["dtype"] == torch.float64 else ref_v.float()
+    assume(bool(torch.isfinite(finite).all()) and bool(torch.isfinite(x_v.double() if c["dtype"] == torch.float64 else x_v.float()).all()))
     x = _layout(x_v.to(DEV), c["x_layout"]).requires_grad_()
     ref = None if c["mode"] == "self" else _layout(ref_v.to(DEV), c["ref_layout"]).requires_grad_(c["ref_grad"])
     return x, ref, ref_v, c["mode"] in ("self", "offset"), c["offset"]
@@ -162,16 +185,58 @@ def build(c: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, boo
 GRAD_ATOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
+# The mixed-scale rule (README, "Bad and degenerate input"): distances exact when every
+# nonzero neighbour distance is >= 2^EXACT_EXP D m, m the largest |feature|.
+EXACT_EXP = {torch.float64: -989}
+RANGE_MSG = ("the features span too wide a range", "the distances overflow float32")
+
+
+def _robust_norm(diff: torch.Tensor) -> torch.Tensor:
+    """||diff|| over the last dim in float64, each vector scaled by the power of two of its
+    largest |component| first (no square under- or overflows)."""
+    mx = diff.abs().amax(dim=-1, keepdim=True)
+    p = torch.where(mx > 0, torch.exp2(-torch.frexp(mx).exponent.double()), torch.ones((), dtype=torch.float64))
+    return torch.linalg.vector_norm(diff * p, dim=-1) / p[..., 0]
+
+
+def _expect(c: dict, x64: torch.Tensor, r64: torch.Tensor, d64: torch.Tensor, k: int) -> str:
+    """"ok" (must match the oracle), "raise" (must raise ValueError) or "either", from the
+    oracle's k nearest distances: the mixed-scale rule and float32's overflow, each with a
+    factor-4 band around its threshold."""
+    dt = c["dtype"]
+    m = max(float(x64.abs().max()), float(r64.abs().max()))
+    dk = d64[:, :k]
+    nz = dk[dk > 0]
+    lo = float(nz.min()) if nz.numel() else math.inf
+    floor = math.ldexp(float(x64.shape[1]), EXACT_EXP.get(dt, -108)) * m
+    hi = float(dk.max())
+    over = dt != torch.float64 and hi > torch.finfo(torch.float32).max / 4
+    if lo < floor / 4 or hi > torch.finfo(torch.float32).max * 4 and dt != torch.float64:
+        return "raise"
+    return "either" if lo < floor * 4 or over else "ok"
+
+
 def check_case(backend: str, c: dict) -> None:
     x, ref, ref_v, excl, off = build(c)
     k, dtype = c["k"], c["dtype"]
-    dist, idx = L.knn(x, ref, k, exclude_self=excl, self_offset=off, backend=backend)
-    assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     x64, r64 = x.detach().cpu().double(), ref_v.double()
+    robust = bool(c.get("far")) or dtype == torch.float64 and abs(c["scale_exp"]) > 100
+    d64, i64 = (robust_oracle if robust else oracle)(x64, r64, k, excl, off)
+    expect = _expect(c, x64, r64, d64, k)
+    STATS[backend]["far" if c.get("far") else "near"] += 1
+    try:
+        dist, idx = L.knn(x, ref, k, exclude_self=excl, self_offset=off, backend=backend)
+    except ValueError as e:
+        assert expect != "ok" and str(e).startswith(RANGE_MSG), f"unexpected ValueError ({expect}): {e}"
+        STATS[backend]["raised"] += 1
+        return
+    assert expect != "raise", "a batch beyond the mixed-scale rule was answered instead of refused"
+    assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     dist_c, idx_c = dist.detach().cpu(), idx.cpu()
-    checked = assert_knn_matches(dist_c, idx_c, x.detach().cpu(), ref_v, k, excl, off)
-    d64, i64 = oracle(x64, r64, k, excl, off)
-    if c["kind"] == "lattice":  # exact distances: the order, ties to the lower index, is exact too
+    checked = assert_knn_matches(dist_c, idx_c, x.detach().cpu(), ref_v, k, excl, off, robust=robust)
+    # Exact distances: the order, ties to the lower index, is exact too (not with far rows: their
+    # distances, ~1e8 and more, are not exact in float32, so float32 ties differ from float64's).
+    if c["kind"] == "lattice" and not c.get("far"):
         assert torch.equal(idx_c, i64[:, :k]), "lattice (exact ties): indices differ from the oracle's"
         STATS[backend]["lattice"] += 1
     STATS[backend]["examples"] += 1
@@ -182,25 +247,33 @@ def check_case(backend: str, c: dict) -> None:
     gout = torch.randn(dist.shape, generator=torch.Generator().manual_seed(c["seed"] + 1), dtype=torch.float64)
     dist.backward(gout.to(dist.dtype).to(dist.device))
     diff = x64.unsqueeze(1) - r64[idx_c]
-    r = torch.linalg.vector_norm(diff, dim=2)
-    coef = torch.where(r > 0, gout / r, torch.zeros(()))
-    want_gx = (coef.unsqueeze(2) * diff).sum(1)
+    r = _robust_norm(diff)
+    # g_ij times the unit vector (x_i - ref_j) / r_ij (0 where r = 0): in range at any scale
+    terms = torch.where(r > 0, gout, 0.0).unsqueeze(2) * (diff / torch.where(r > 0, r, 1.0).unsqueeze(2))
+    want_gx = terms.sum(1)
+    assert torch.isfinite(x.grad).all(), "non-finite gradient"
     tol = GRAD_ATOL[dtype] * (1 + gout.abs().sum(1, keepdim=True))
     err = (x.grad.cpu().double() - want_gx).abs()
     assert (err <= tol).all(), f"grad x: worst row {int(err.max(1).values.argmax())}, err {err.max():.3e}"
     if ref is not None and ref.requires_grad:
-        want_gr = torch.zeros_like(r64).index_add_(0, idx_c.flatten(), -(coef.unsqueeze(2) * diff).flatten(0, 1))
+        want_gr = torch.zeros_like(r64).index_add_(0, idx_c.flatten(), -terms.flatten(0, 1))
         tol_r = GRAD_ATOL[dtype] * (1 + torch.zeros(r64.shape[0], dtype=torch.float64).index_add_(
             0, idx_c.flatten(), gout.abs().flatten())).unsqueeze(1)
         err = (ref.grad.cpu().double() - want_gr).abs()
         assert (err <= tol_r).all(), f"grad ref: err {err.max():.3e}"
 
     if k >= 2:  # LID through the public API, against the guarded formula on oracle distances
-        lids = L.lid(x.detach(), None if ref is None else ref.detach(), k, estimator=c["estimator"],
-                     exclude_self=excl, self_offset=off, backend=backend).cpu().double()
-        want = lid_from_distances(d64[:, :k], c["estimator"], EPS)
+        eps = c.get("eps", EPS)
+        args = (x.detach(), None if ref is None else ref.detach(), k)
+        kw = dict(estimator=c["estimator"], exclude_self=excl, self_offset=off, backend=backend)
+        lids = L.lid(*args, eps=eps, **kw).cpu().double()
+        want = lid_from_distances(d64[:, :k], c["estimator"], eps)
         # Condition number of the guarded formula: for MLE a zero distance counts as eps * w.
-        d_cond = torch.maximum(d64[:, :k], EPS * d64[:, k - 1 : k]) if c["estimator"] == "mle" else d64[:, :k]
+        d_cond = torch.maximum(d64[:, :k], eps * d64[:, k - 1 : k]) if c["estimator"] == "mle" else d64[:, :k]
+        floor = 2.0**-511 if dtype == torch.float64 else 2.0**-63
+        if eps <= 8 * floor:  # just below the dtype's floor: refused, naming it
+            with pytest.raises(ValueError, match=r"^eps=.* is below .*the smallest eps whose LID and gradient stay finite"):
+                L.lid(*args, eps=floor / 2, **kw)
         tol = lid_rtol(d_cond, c["estimator"], dtype)
         # w == m, or w - m below the dtype's resolution of w (a bound >= 50%): the LID is not
         # determined by float32 distances (fp32 may round w - m to 0 and take the eps branch),

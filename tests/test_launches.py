@@ -75,8 +75,8 @@ def test_calls_do_not_grow_with_the_batch(backend, monkeypatch):
     """ldreg_loss forward + backward at D=2048: torch at the paper's per-GPU shape (N=4096,
     k=64), triton's host code on small shapes (interpreter: N=256, k=16). Calls at B=1024
     (triton: 256) at most twice those at a quarter of the batch plus a constant, and at most
-    300; one host sync a forward (the inputs' extremes and the certificate's redo count,
-    read together), none in the backward. Rows the certificate cannot prove (rare on such
+    300; one host sync a forward (the inputs' extremes, the certificate's redo count and the
+    number of distances too small to trust unchecked, read together), none in the backward. Rows the certificate cannot prove (rare on such
     features) add at most REDO calls and one sync, however many they are."""
     if backend not in L.available_backends("cpu"):
         pytest.skip(f"{backend} not available on cpu")
@@ -97,7 +97,9 @@ def test_calls_do_not_grow_with_the_batch(backend, monkeypatch):
         if backend == "triton" and not redos[-1]:  # selection and re-rank; the backward
             assert (f.launches, bw.launches) == (2, 1)
     assert totals[1] <= 2 * totals[0] + 50, totals
-    assert totals[1] <= 300, (totals, redos)
+    # 300 before issue #24's range check; it reads the smallest distance at the same sync
+    # (measured 298 at B=256, 305 at B=1024 for torch: see the branch's report).
+    assert totals[1] <= 310, (totals, redos)
 
 
 def test_cpu_plan_loops_by_chunk_not_by_row(monkeypatch):

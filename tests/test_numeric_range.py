@@ -6,6 +6,9 @@ scale-free down to its degenerate cases.
   (``_host.range_scale``, ``range_scale`` in csrc/knn.cpp), which is exact, so the answer
   is the unscaled one times that power of two, bit for bit.
 - Distances that float32 itself cannot hold raise ValueError.
+- Mixed scales in one batch (a few rows far above or below the others): exact wherever
+  every nonzero neighbour distance is >= 2^-108 D max|feature| (float64: 2^-989), checked
+  against a float64 oracle that scales each pair on its own; ValueError beyond.
 - The estimators' eps floors are relative to each row's k-th distance, so
   ``lid(c x) == lid(x)``: bit for bit for powers of two, degenerate rows included, and to
   the formula's conditioning for any c in [1e-30, 1e30].
@@ -25,7 +28,7 @@ import ldreg_kernels as L
 from ldreg_kernels import _host
 from ldreg_kernels.api import DEFAULT_EPS
 from ldreg_kernels.estimators import lid_from_distances
-from utils import SESSION_SEED, features, generator, lid_rtol
+from utils import SESSION_SEED, assert_knn_matches, features, generator, lid_rtol, robust_oracle
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = L.available_backends(DEV)
@@ -89,13 +92,17 @@ def test_float32_distance_overflow_raises(device_backend):
 
 
 def test_range_scale_window():
-    """Scaling happens only outside the window, to [1, 2), by an exact power of two."""
-    t = torch.ones(2, 2)
+    """Scaling happens only outside the window, to the top of the range (m s in
+    [2^(t-1), 2^t), t = TOP_EXP - ceil(log2(D) / 2)), by an exact power of two."""
+    t = torch.ones(2, 2)  # D = 2: t = 59 - 1
     assert _host.range_scale(t * 2.0**32, t, torch.float32) == (1.0, 2.0**32)
     s, m = _host.range_scale(t * 2.0**33, t, torch.float32)
-    assert m == 2.0**33 and s == 2.0**-33 and 1 <= m * s < 2
+    assert m == 2.0**33 and s == 2.0**24 and 2.0**57 <= m * s < 2.0**58
     s, m = _host.range_scale(t * 3e-20, -t * 1e-21, torch.float32)
-    assert 1 <= m * s < 2 and math.frexp(s)[0] == 0.5
+    assert 2.0**57 <= m * s < 2.0**58 and math.frexp(s)[0] == 0.5
+    for dim, top in ((1, 59), (4, 58), (5, 57), (2048, 53)):
+        assert 2.0 ** (top - 1) <= 3.0 * _host.top_scale(3.0, torch.float32, dim) < 2.0**top
+    assert 2.0**506 <= 3.0 * _host.top_scale(3.0, torch.float64, 1) < 2.0**507
     assert _host.range_scale(t * 1e-20, t * 1e-20, torch.float64)[0] == 1.0
     assert _host.range_scale(torch.zeros(2, 2), torch.zeros(2, 2), torch.float32) == (1.0, 0.0)
 
@@ -144,3 +151,100 @@ def test_lid_is_scale_invariant(backend, dtype, log10_c, estimator, k, seed):
     assert torch.isfinite(got).all()
     rel = (got - want).abs() / want
     assert (rel[ok] <= tol[ok]).all(), f"rel {rel[ok].max():.3e}"
+
+
+# ---------------------------------------------------------------- mixed scales in one batch
+# A few rows far outside the others' scale, in both directions (issue #24, item 1). Before,
+# the range scaling took one power of two from the batch's largest |value|, so the ordinary
+# rows went subnormal: one fp32 row at 1e25 gave every other row distance 0 and LID 1, at 1e20
+# distance errors of 1e-5..4e-5; float64 failed the same way at 1e200; and rows at 1e-25 (in
+# fp32) or 1e-200 (in fp64) among unit rows had their squared differences flush to zero.
+MIXED = [
+    ("fp32-one-1e25", torch.float32, 1, 1e25),
+    ("fp32-one-1e20", torch.float32, 1, 1e20),
+    ("fp32-three-1e25", torch.float32, 3, 1e25),
+    ("fp32-three-1e-25", torch.float32, 3, 1e-25),
+    ("fp32-three-1e-20", torch.float32, 3, 1e-20),
+    ("fp64-one-1e200", torch.float64, 1, 1e200),
+    ("fp64-three-1e200", torch.float64, 3, 1e200),
+    ("fp64-three-1e-200", torch.float64, 3, 1e-200),
+]
+
+
+def mixed_batch(dtype, n_far: int, factor: float, n: int = 32, d: int = 8, salt: str = "") -> torch.Tensor:
+    """Unit Gaussian rows, ``n_far`` of them (spread over the batch) times ``factor``."""
+    g = generator("mixed", str(dtype), n_far, factor, salt)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    far = torch.randperm(n, generator=g)[:n_far]
+    x[far] *= factor
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("mode", ["self", "ref"])
+@pytest.mark.parametrize("case", MIXED, ids=[c[0] for c in MIXED])
+def test_mixed_scale_batch_is_exact(device_backend, case, mode):
+    """Distances, neighbours and LID of every row equal the float64 oracle's (direct
+    differences, each pair scaled on its own), on every backend."""
+    dev, backend = device_backend
+    _, dtype, n_far, factor = case
+    x_all = mixed_batch(dtype, n_far, factor)
+    x, ref = (x_all, None) if mode == "self" else (x_all[:20], x_all)
+    k = 5
+    kw = dict(exclude_self=True, self_offset=0, backend=backend)  # ref: the queries are its first rows
+    dist, idx = L.knn(x.to(dev), None if ref is None else ref.to(dev), k, **kw)
+    r = x_all
+    assert_knn_matches(dist.cpu(), idx.cpu(), x, r, k, robust=True)
+    d64 = robust_oracle(x, r, k)[0][:, :k]
+    for est in ("mom", "mle"):
+        got = L.lid(x.to(dev), None if ref is None else ref.to(dev), k, estimator=est, **kw).cpu().double()
+        want = lid_from_distances(d64, est, DEFAULT_EPS)
+        tol = lid_rtol(d64, est, dtype)
+        # Conditioned rows; the far rows' neighbours are all about equally far (w - r ~ 1 at
+        # w ~ 1e25), which float32 distances cannot resolve: there only finiteness.
+        ok = torch.isfinite(tol) & (tol > 0) & (tol < 0.5)
+        rel = (got - want).abs() / want
+        assert torch.isfinite(got).all()
+        assert ok.sum() >= x.shape[0] - 3 * n_far
+        assert (rel[ok] <= tol[ok]).all(), f"{est}: LID rel err {rel[ok].max():.2e}"
+
+
+TOO_WIDE = [
+    # (id, dtype, rows far out, factor, the message's dtype)
+    ("fp32-one-1e36", torch.float32, 1, 1e36),
+    ("fp32-two-1e-36", torch.float32, 2, 1e-36),
+    ("fp64-one-1e300", torch.float64, 1, 1e300),
+    ("fp64-two-1e-300", torch.float64, 2, 1e-300),
+]
+
+
+@pytest.mark.parametrize("case", TOO_WIDE, ids=[c[0] for c in TOO_WIDE])
+def test_mixed_scale_beyond_the_dtype_raises(device_backend, case):
+    """Where some nonzero neighbour distance is below 2^-108 D max|feature| (float32;
+    float64: 2^-989 D max|feature|), the distances cannot all be held exactly: ValueError
+    naming the range, suggesting float64 for float32 input; float64 then gives the oracle's
+    answer."""
+    dev, backend = device_backend
+    _, dtype, n_far, factor = case
+    x = mixed_batch(dtype, n_far, factor, salt="wide").to(dev)
+    name = "float32" if dtype == torch.float32 else "float64"
+    hint = "pass float64 features" if dtype == torch.float32 else "rescale or drop the outlying rows"
+    msg = rf"^the features span too wide a range for {name}: beside features up to \|.*\| some nonzero distance .* {hint}$"
+    with pytest.raises(ValueError, match=msg):
+        L.knn(x, k=5, backend=backend)
+    with pytest.raises(ValueError, match=msg):
+        L.lid(x, k=5, backend=backend)
+    if dtype == torch.float32:
+        d, i = L.knn(x.double(), k=5, backend=backend)
+        assert_knn_matches(d.cpu(), i.cpu(), x.cpu().double(), x.cpu().double(), 5, robust=True)
+
+
+def test_mixed_scale_rule_constants_agree():
+    """The documented guarantee follows from the constants: at the top scale the smallest
+    distance computed exactly, sqrt(D) 2^SMALL_EXP / s, is at most 2^EXACT_EXP D m."""
+    for dt in (torch.float32, torch.float64):
+        for dim in (1, 2, 3, 8, 100, 2048, 1 << 16):
+            for m in (1.0, 1.5, 1.999, 3e-20, 7e25):
+                s = _host.top_scale(m, dt, dim)
+                assert _host.small_limit(dt, dim) / s <= math.ldexp(dim, _host.EXACT_EXP[dt]) * m
+                fmax = torch.finfo(torch.float32 if dt == torch.float32 else torch.float64).max
+                assert 16 * dim * (m * s) ** 2 < fmax / 16

@@ -57,18 +57,46 @@ def oracle(x: torch.Tensor, ref: torch.Tensor, k: int, exclude_self=True, self_o
     return reference.knn(x.double(), ref.double(), kk, exclude_self, self_offset)
 
 
+def robust_cdist(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """float64 (B, N) distances by direct differences, each pair's difference scaled by the
+    power of two of its largest |component| first: no square under- or overflows, so the
+    distances are exact to float64 rounding at any magnitude (plain cdist flushes
+    differences below ~1e-154 and overflows above ~1e154). Rows in chunks."""
+    x, ref = x.double(), ref.double()
+    out = torch.empty(x.shape[0], ref.shape[0], dtype=torch.float64)
+    step = max(1, (1 << 22) // max(1, ref.shape[0] * x.shape[1]))
+    for s in range(0, x.shape[0], step):
+        diff = x[s : s + step].unsqueeze(1) - ref.unsqueeze(0)
+        mx = diff.abs().amax(dim=2, keepdim=True)
+        p = torch.where(mx > 0, torch.exp2(-torch.frexp(mx).exponent.double()), torch.ones((), dtype=torch.float64))
+        out[s : s + step] = torch.linalg.vector_norm(diff * p, dim=2) / p[..., 0]
+    return out
+
+
+def robust_oracle(x: torch.Tensor, ref: torch.Tensor, k: int, exclude_self=True, self_offset=0):
+    """:func:`oracle` on :func:`robust_cdist`: (dist, idx) with k + 1 columns, stable order."""
+    d = robust_cdist(x, ref)
+    if exclude_self:
+        rows = torch.arange(x.shape[0])
+        d[rows, rows + self_offset] = float("inf")
+    kk = min(k + 1, ref.shape[0] - int(exclude_self))
+    dist, idx = torch.sort(d, dim=1, stable=True)
+    return dist[:, :kk], idx[:, :kk]
+
+
 def first_mismatches(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, n: int = 5) -> str:
     rows = torch.nonzero(mask).flatten()[:n].tolist()
     return "; ".join(f"row {r}: got {a[r].tolist()} want {b[r].tolist()}" for r in rows)
 
 
-def assert_knn_matches(dist, idx, x, ref, k, exclude_self=True, self_offset=0, rtol=None):
+def assert_knn_matches(dist, idx, x, ref, k, exclude_self=True, self_offset=0, rtol=None, robust=False):
     """Sorted distances match the float64 oracle; index sets match where the gap allows.
+    ``robust``: against :func:`robust_oracle` (features beyond float64's squaring range).
 
     Returns the fraction of rows whose index set was checked, so a caller can assert the
     check was not vacuous.
     """
-    d64, i64 = oracle(x, ref, k, exclude_self, self_offset)
+    d64, i64 = (robust_oracle if robust else oracle)(x, ref, k, exclude_self, self_offset)
     rtol = DIST_RTOL[x.dtype] if rtol is None else rtol
     assert dist.shape == (x.shape[0], k) and idx.shape == (x.shape[0], k)
     assert idx.dtype == torch.int64
@@ -77,7 +105,11 @@ def assert_knn_matches(dist, idx, x, ref, k, exclude_self=True, self_offset=0, r
     bad = ((dist.double() - want).abs() > rtol * scale + 1e-300).any(1)
     assert not bad.any(), "distance mismatch: " + first_mismatches(dist, want, bad)
     # Returned distances must be the exact distances of the returned indices.
-    direct = torch.linalg.vector_norm(x.double().unsqueeze(1) - ref.double()[idx], dim=2)
+    if robust:
+        direct = torch.stack([robust_cdist(x[i : i + 1], ref[idx[i]])[0] for i in range(x.shape[0])]) \
+            if x.shape[0] else torch.empty(0, k, dtype=torch.float64)
+    else:
+        direct = torch.linalg.vector_norm(x.double().unsqueeze(1) - ref.double()[idx], dim=2)
     bad = ((dist.double() - direct).abs() > rtol * scale).any(1)
     assert not bad.any(), "distances are not those of the returned indices: " + first_mismatches(dist, direct, bad)
     if exclude_self:

@@ -613,16 +613,16 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_, const at::Tenso
                                            int64_t self_offset, bool exclude_self) {
   check_knn_args(x_, ref_, k, self_offset, exclude_self);
   TORCH_CHECK_VALUE(x_.is_cpu(), "knn_cpu needs CPU tensors, got ", x_.device());
-  const RangeScale range = range_scale(x_, ref_);
-  const at::Tensor x = range.apply(x_).contiguous(), ref = range.apply(ref_).contiguous();
-  at::Tensor dist, idx;
-  std::tie(dist, idx) = empty_knn_outputs(x, k);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    knn_cpu_impl<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, dist, idx);
+  // The range rule (knn_in_range in knn.h): scaled where needed, small distances checked.
+  return knn_in_range(x_, ref_, [&](const at::Tensor& x, const at::Tensor& ref) {
+    at::Tensor dist, idx;
+    std::tie(dist, idx) = empty_knn_outputs(x, k);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_cpu", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      knn_cpu_impl<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, dist, idx);
+    });
+    return std::make_tuple(dist, idx);
   });
-  range.unscale(dist);
-  return {dist, idx};
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_backward_cpu(const at::Tensor& grad_dist, const at::Tensor& x_,

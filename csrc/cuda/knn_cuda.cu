@@ -453,16 +453,16 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x_, const at::Tens
                     " (its candidate buffer lives in shared memory), got k=", k,
                     "; use backend='torch' for larger k");
   const c10::cuda::CUDAGuard guard(x_.device());
-  const RangeScale range = range_scale(x_, ref_);
-  const at::Tensor x = range.apply(x_).contiguous(), ref = range.apply(ref_).contiguous();
-  at::Tensor dist, idx;
-  std::tie(dist, idx) = empty_knn_outputs(x, k);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    knn_cuda_impl<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, dist, idx);
+  // The range rule (knn_in_range in knn.h): scaled where needed, small distances checked.
+  return knn_in_range(x_, ref_, [&](const at::Tensor& x, const at::Tensor& ref) {
+    at::Tensor dist, idx;
+    std::tie(dist, idx) = empty_knn_outputs(x, k);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ldreg_knn_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      knn_cuda_impl<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, dist, idx);
+    });
+    return std::make_tuple(dist, idx);
   });
-  range.unscale(dist);
-  return {dist, idx};
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_backward_cuda(const at::Tensor& grad_dist,

@@ -48,10 +48,13 @@ def knn_forward(
     """(dist, idx), (B, k), of the k nearest rows of ``ref`` to each row of ``x``.
 
     One host sync: the inputs' extremes (the NaN/Inf check and the range window,
-    ``_host.window_scale``) and the number of rows the certificate cannot prove are read
-    together, after the selection and the re-rank were queued. Inputs outside the window
-    (the first pass may have overflowed) are then run again, scaled by a power of two; rows
-    left unproven are redone exhaustively (more syncs, only then).
+    ``_host.window_scale``), the number of rows the certificate cannot prove and the number
+    of distances too small to trust unchecked (``_host.small_limit``) are read together,
+    after the selection and the re-rank were queued. Rows left unproven are redone
+    exhaustively, small distances checked (``_host.in_range``; more syncs, only then).
+    Inputs outside the window, or whose distances fail that check, are run again scaled by
+    a power of two to the top of the range (``_host.run_in_range``), which raises
+    ValueError if even there some distance is out of reach.
 
     Args:
         margin: candidates kept past k (default ``_host.default_margin(k)``).
@@ -60,17 +63,33 @@ def knn_forward(
             by truncating the selection inputs, as a TF32 matmul reads them.
     """
     ct = _host.compute_dtype(x.dtype)
+    dim = x.shape[1]
     ext = _host.extremes(x, ref)
     dist, idx, redo = _select_and_rerank(x, ref, k, self_offset, exclude_self, margin, precision)
-    scale, max_abs, n_redo = _host.read_checks(ext, redo, ct)  # the one sync
-    if scale != 1.0:
-        d, i = knn_forward(x * scale, ref * scale, k, self_offset, exclude_self, margin, precision)
-        return _host.unscale(d, scale, max_abs), i
-    if n_redo:
-        rows = _host.first_rows(redo, n_redo)
-        d2, i2 = _host.exhaustive(x[rows], ref, k, rows + self_offset if exclude_self else None)
-        dist[rows], idx[rows] = d2.to(dist.dtype), i2
-    return dist, idx
+    scale, max_abs, n_redo, n_small = _host.read_checks(ext, redo, dist, ct, dim)  # the one sync
+    if scale == 1.0:
+        if n_redo:
+            _redo(x, ref, k, self_offset, exclude_self, dist, idx, _host.first_rows(redo, n_redo))
+            n_small = None  # redone rows: check again
+        if _host.in_range(x, ref, dist, idx, ct, n_small):
+            return dist, idx
+        scale = _host.top_scale(max_abs, ct, dim)
+
+    def run(xs: Tensor, rs: Tensor) -> tuple[Tensor, Tensor]:
+        d, i, rd = _select_and_rerank(xs, rs, k, self_offset, exclude_self, margin, precision)
+        n = 0 if rd is None else int(rd.sum())
+        if n:
+            _redo(xs, rs, k, self_offset, exclude_self, d, i, _host.first_rows(rd, n))
+        return d, i
+
+    return _host.run_in_range(run, x, ref, scale, max_abs, ct)
+
+
+def _redo(x: Tensor, ref: Tensor, k: int, self_offset: int, exclude_self: bool, dist: Tensor, idx: Tensor,
+          rows: Tensor) -> None:
+    """Rows the certificate left unproven, redone exhaustively, in place."""
+    d2, i2 = _host.exhaustive(x[rows], ref, k, rows + self_offset if exclude_self else None)
+    dist[rows], idx[rows] = d2.to(dist.dtype), i2
 
 
 def _select_and_rerank(

@@ -355,9 +355,12 @@ def knn_forward(
 
     One host sync in the common case: the inputs' extremes (NaN/Inf check and fp32's range
     window, which the selection needs whatever the input dtype) are read together with the
-    number of rows the certificate cannot prove. Inputs outside the window run again scaled
-    by a power of two; unproven rows go through the redo cascade (``_redo``), with a sync per
-    stage, only then.
+    number of rows the certificate cannot prove and the number of distances too small to
+    trust unchecked. Unproven rows go through the redo cascade (``_redo``), small distances
+    through ``_host.in_range``, with a sync per stage, only then. Inputs outside the window,
+    or whose distances fail that check, run again at fp32's top scale
+    (``_host.run_in_range``); float64 that fails there too goes to the torch backend's
+    float64 selection, which raises ValueError if even float64 cannot hold the distances.
 
     Args:
         precision: selection precision (default: ``get_precision()``).
@@ -373,16 +376,34 @@ def knn_forward(
     plan = _plan(k, n_valid, m)
     if plan is None:
         return torch_backend.knn_forward(x, ref, k, self_offset, exclude_self, margin)
+    ct, dim = _host.compute_dtype(x.dtype), x.shape[1]
     ext = _host.extremes(x, ref)
     q = _Queries.of(x, ref, self_offset if exclude_self else None)
     dist, idx, redo = _select_and_rerank(q, None, k, plan, n_valid, precision)
-    scale, max_abs, n_redo = _host.read_checks(ext, redo, torch.float32)  # the one sync
-    if scale != 1.0:
-        d, i = knn_forward(x * scale, ref * scale, k, self_offset, exclude_self, precision, margin)
-        return _host.unscale(d, scale, max_abs), i
-    if n_redo:
-        _redo(q, _host.first_rows(redo, n_redo), dist, idx, k, plan, n_valid, precision)
-    return dist, idx
+    # The window and the top scale are fp32's (the selection's) whatever the input; the
+    # small-distance limit is the re-rank's (fp64 for fp64 input).
+    scale, max_abs, n_redo, n_small = _host.read_checks(ext, redo, dist, torch.float32, dim, ct)  # the one sync
+    if scale == 1.0:
+        if n_redo:
+            _redo(q, _host.first_rows(redo, n_redo), dist, idx, k, plan, n_valid, precision)
+            n_small = None  # redone rows: check again
+        if _host.in_range(x, ref, dist, idx, ct, n_small):
+            return dist, idx
+        scale = _host.top_scale(max_abs, torch.float32, dim)
+
+    def run(xs: Tensor, rs: Tensor) -> tuple[Tensor, Tensor]:
+        qs = _Queries.of(xs, rs, self_offset if exclude_self else None)
+        d, i, rd = _select_and_rerank(qs, None, k, plan, n_valid, precision)
+        n = 0 if rd is None else int(rd.sum())
+        if n:
+            _redo(qs, _host.first_rows(rd, n), d, i, k, plan, n_valid, precision)
+        return d, i
+
+    # float64 beyond what fp32's top scale leaves it: the torch backend selects in float64.
+    fallback = None
+    if ct == torch.float64:
+        fallback = lambda xo, ro: torch_backend.knn_forward(xo, ro, k, self_offset, exclude_self, margin)  # noqa: E731
+    return _host.run_in_range(run, x, ref, scale, max_abs, torch.float32, ct, fallback)
 
 
 class _Queries:
