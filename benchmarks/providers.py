@@ -41,6 +41,9 @@ class Method:
             0 for methods that never hold B x N.
         loss: ``loss(x, ref, k)``; default: the paper's LDReg term on ``knn``'s distances.
         unavailable: why the method cannot run here (a missing package), else None.
+        own_runtime: it brings its own thread pool (FAISS's bundled OpenMP and OpenBLAS,
+            KeOps's compiled OpenMP), whose threads keep spinning after a call and would take
+            a core from the next method in an interleaved round: timed on its own instead.
     """
 
     name: str
@@ -52,6 +55,7 @@ class Method:
     loss: Callable[[Tensor, Tensor | None, int], Tensor] | None = None
     unavailable: str | None = None
     reset: Callable[[], None] = field(default=lambda: None)
+    own_runtime: bool = False
 
     def loss_fn(self, x: Tensor, ref: Tensor | None, k: int) -> Tensor:
         """The timed forward: LDReg loss (MoM, l1) of ``x`` against ``ref``."""
@@ -280,9 +284,10 @@ def methods(device: torch.device) -> list[Method]:
 
         if not hasattr(faiss, "StandardGpuResources"):
             faiss_missing = "skipped: faiss here is CPU-only (no faiss-gpu); a host round trip is no GPU peer"
-    out.append(Method("faiss", "peer", faiss_knn, faiss_note, loss=_gather_loss(faiss_knn), unavailable=faiss_missing))
+    out.append(Method("faiss", "peer", faiss_knn, faiss_note, loss=_gather_loss(faiss_knn), unavailable=faiss_missing,
+                      own_runtime=device.type == "cpu"))
     out.append(Method("keops", "peer", keops_knn, keops_note, loss=_gather_loss(keops_knn),
-                      unavailable=_package_missing("pykeops")))
+                      unavailable=_package_missing("pykeops"), own_runtime=device.type == "cpu"))
     for b in timed_backends(device):
         if b != "reference":  # "reference" is the oracle above
             out.append(_ours(b))

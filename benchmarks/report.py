@@ -147,7 +147,9 @@ def markdown(rows: list[dict], meta: dict, extra: list[str] | None = None) -> st
         "- fwd: the LDReg loss (paper Eq. 1, -beta * mean ln LID, MoM LID) of x (B, D) requiring grad; "
         "full: fwd + backward. B == N: the batch against itself (self excluded by index); "
         "B != N: a separate memory bank of N rows. fp32, TF32 off.",
-        "- time: median over repeats after a warm-up (p20-p80 in brackets), ms; "
+        "- time: median over repeats after a warm-up (p20-p80 in brackets), ms, the methods interleaved "
+        "round by round (on the CPU FAISS and KeOps, which bring their own thread pools, each on its own "
+        "afterwards); "
         "TFLOP/s and x floor count 2*B*N*D flops against the bare matmul x @ ref.T.",
         f"- accuracy: float64 oracle on the first {meta.get('acc_rows', 256)} queries: index recall@k, "
         "max relative error of the MoM LID, max relative error of a row's gradient (norm) over the rows "
