@@ -16,36 +16,27 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 
 import torch
 
-from ldreg_kernels.ssl.plot import load_run, plot_groups
-from ldreg_kernels.ssl.methods import DEFAULT_BETA
-from ldreg_kernels.ssl.train import TrainConfig, Trainer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from benchmarks.machine import device_detail, machine_slug as _machine_slug  # noqa: E402
+
+from ldreg_kernels.ssl.plot import load_run, plot_groups  # noqa: E402
+from ldreg_kernels.ssl.methods import DEFAULT_BETA  # noqa: E402
+from ldreg_kernels.ssl.train import TrainConfig, Trainer  # noqa: E402
 
 
 def machine_slug(device: str) -> str:
-    if device.startswith("cuda"):
-        return "gpu-" + torch.cuda.get_device_name().lower().replace(" ", "-")
-    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+    """cpu-epyc-zen4-2core, gpu-nvidia-h200: the results' file name, as the benchmarks name theirs."""
+    return _machine_slug(torch.device(device))
 
 
 def cpu_model() -> str:
-    """The CPU's model name with its family/model numbers (results name the machine they ran on)."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if ":" in line:
-                    k, v = (t.strip() for t in line.split(":", 1))
-                    info.setdefault(k, v)
-    except OSError:
-        return platform.processor() or platform.machine()
-    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family', '?')}, "
-            f"model {info.get('model', '?')}), {os.cpu_count()} cores")
+    """The CPU's model name with its family/model numbers and ISA (results name the machine they ran on)."""
+    return device_detail(torch.device("cpu"))
 
 
 def train_or_load(cfg: TrainConfig, out: str) -> dict:

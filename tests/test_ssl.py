@@ -336,3 +336,11 @@ def test_results_claim_an_effect_only_where_the_95_interval_excludes_0():
     assert R.verdict(*R.t_interval([-0.5, -0.6, -0.7])[1:]) == "down"
     assert R.verdict(*R.t_interval([-1.0, 0.5, 2.0])[1:]) == "within noise"
     assert "family" in R.cpu_model()
+
+
+def test_results_name_the_cpu_as_the_benchmarks_do():
+    # One slug for every result file: the CPU's model is in it (kernels rank differently per CPU).
+    from benchmarks.machine import cpu_slug
+
+    R = _ssl_results()
+    assert R.machine_slug("cpu") == f"cpu-{cpu_slug()}-{os.cpu_count()}core"
