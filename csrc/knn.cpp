@@ -127,11 +127,22 @@ at::Tensor RangeScale::apply(const at::Tensor& t) const {
 }
 
 void RangeScale::unscale(at::Tensor& dist) const {
-  if (scale == 1.0) return;
+  if (scale == 1.0) return;  // then distances_in_range has passed: nothing subnormal
   mul_pow2_(dist, 1.0 / scale);
-  TORCH_CHECK_VALUE(dist.scalar_type() == at::kDouble || at::isfinite(dist).all().item<bool>(),
-                    "the distances overflow float32 (largest |feature| is ", max_abs,
-                    "); pass float64 features");
+  const bool dbl = dist.scalar_type() == at::kDouble;
+  const double tiny = dbl ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  at::Tensor bad = dist.gt(0).logical_and_(dist.lt(tiny));
+  if (!dbl) bad.logical_or_(at::isfinite(dist).logical_not_());
+  if (!bad.any().item<bool>()) return;
+  TORCH_CHECK_VALUE(dbl || at::isfinite(dist).all().item<bool>(), "the distances overflow float32 (largest |feature| is ",
+                    max_abs, "); pass float64 features");
+  // Below the smallest normal a distance keeps fewer bits than the dtype's precision, and the
+  // backward's 1 / distance overflows. Same as _host.unscale.
+  const char* name = dbl ? "float64" : "float32";
+  TORCH_CHECK_VALUE(false, "the distances underflow ", name, ": some nonzero neighbour distance is below ", tiny, ", ",
+                    name, "'s smallest normal, where it cannot be held to ", name,
+                    "'s precision (largest |feature| is ", max_abs, "); ",
+                    dbl ? "rescale the features" : "pass float64 features");
 }
 
 bool distances_in_range(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& dist, const at::Tensor& idx) {

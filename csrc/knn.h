@@ -81,7 +81,9 @@ struct RangeScale {
   // t * scale (in float for half/bf16 t, whose own range a scale up could overflow), or t
   // itself when no scaling is needed.
   at::Tensor apply(const at::Tensor& t) const;
-  // dist / scale in place; ValueError when float32 cannot hold the distances.
+  // dist / scale in place; ValueError when the dtype cannot hold the distances: one overflows
+  // float32, or a nonzero one is below the dtype's smallest normal (subnormal: too few bits,
+  // and the backward's 1 / r overflows).
   void unscale(at::Tensor& dist) const;
 };
 

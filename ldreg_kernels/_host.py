@@ -443,13 +443,33 @@ def mul_pow2(t: Tensor, scale: float) -> Tensor:
 
 
 def unscale(dist: Tensor, scale: float, max_abs: float) -> Tensor:
-    """``dist / scale`` (exact); ValueError when float32 cannot hold the distances."""
+    """``dist / scale`` (exact); ValueError when the dtype cannot hold the distances: one
+    overflows float32, or a nonzero one falls below the dtype's smallest normal, where it keeps
+    fewer bits than the dtype's precision (and the backward's 1 / distance overflows). Only a
+    scaled run can produce either: unscaled, such a distance fails :func:`in_range` first."""
     dist = mul_pow2(dist, 1.0 / scale)
-    if dist.dtype != torch.float64 and not bool(torch.isfinite(dist).all()):
-        raise ValueError(
-            f"the distances overflow float32 (largest |feature| is {max_abs:g}); pass float64 features"
-        )
+    tiny = torch.finfo(dist.dtype).tiny
+    bad = (dist > 0) & (dist < tiny)
+    if dist.dtype != torch.float64:
+        bad |= ~torch.isfinite(dist)
+    if bool(bad.any()):
+        if dist.dtype != torch.float64 and not bool(torch.isfinite(dist).all()):
+            raise ValueError(
+                f"the distances overflow float32 (largest |feature| is {max_abs:g}); pass float64 features"
+            )
+        raise underflow_error(dist.dtype, max_abs)
     return dist
+
+
+def underflow_error(dtype: torch.dtype, max_abs: float) -> ValueError:
+    """The ValueError for a nonzero distance below the dtype's smallest normal."""
+    name = "float32" if dtype != torch.float64 else "float64"
+    hint = "pass float64 features" if name == "float32" else "rescale the features"
+    return ValueError(
+        f"the distances underflow {name}: some nonzero neighbour distance is below {torch.finfo(dtype).tiny:g}, "
+        f"{name}'s smallest normal, where it cannot be held to {name}'s precision (largest |feature| is "
+        f"{max_abs:g}); {hint}"
+    )
 
 
 def run_in_range(run, x: Tensor, ref: Tensor, scale: float, m: float, arith: torch.dtype, dist_arith: torch.dtype | None = None,

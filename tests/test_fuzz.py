@@ -46,7 +46,7 @@ from hypothesis import strategies as st
 import ldreg_kernels as L
 from ldreg_kernels import reference
 from ldreg_kernels.estimators import lid_from_distances
-from utils import SESSION_SEED, assert_knn_matches, lid_rtol, oracle, robust_oracle
+from utils import SESSION_SEED, assert_knn_matches, lid_rtol, oracle, robust_norm, robust_oracle
 
 PROFILE = os.environ.get("LDREG_FUZZ_PROFILE", "ci")
 # Examples per backend: (fast backends, the Triton interpreter).
@@ -188,27 +188,22 @@ GRAD_ATOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2e-2, to
 # The mixed-scale rule (README, "Bad and degenerate input"): distances exact when every
 # nonzero neighbour distance is >= 2^EXACT_EXP D m, m the largest |feature|.
 EXACT_EXP = {torch.float64: -989}
-RANGE_MSG = ("the features span too wide a range", "the distances overflow float32")
-
-
-def _robust_norm(diff: torch.Tensor) -> torch.Tensor:
-    """||diff|| over the last dim in float64, each vector scaled by the power of two of its
-    largest |component| first (no square under- or overflows)."""
-    mx = diff.abs().amax(dim=-1, keepdim=True)
-    p = torch.where(mx > 0, torch.exp2(-torch.frexp(mx).exponent.double()), torch.ones((), dtype=torch.float64))
-    return torch.linalg.vector_norm(diff * p, dim=-1) / p[..., 0]
+# And every nonzero distance a normal number of the result's dtype (float32's smallest normal is
+# 2^-126: a subnormal distance keeps fewer than 24 bits, and the backward's 1 / r overflows).
+RANGE_MSG = ("the features span too wide a range", "the distances overflow float32", "the distances underflow")
 
 
 def _expect(c: dict, x64: torch.Tensor, r64: torch.Tensor, d64: torch.Tensor, k: int) -> str:
     """"ok" (must match the oracle), "raise" (must raise ValueError) or "either", from the
     oracle's k nearest distances: the mixed-scale rule and float32's overflow, each with a
-    factor-4 band around its threshold."""
+    factor-4 band around its threshold (the smallest normal's too)."""
     dt = c["dtype"]
     m = max(float(x64.abs().max()), float(r64.abs().max()))
     dk = d64[:, :k]
     nz = dk[dk > 0]
     lo = float(nz.min()) if nz.numel() else math.inf
-    floor = math.ldexp(float(x64.shape[1]), EXACT_EXP.get(dt, -108)) * m
+    tiny = torch.finfo(torch.float64 if dt == torch.float64 else torch.float32).tiny
+    floor = max(math.ldexp(float(x64.shape[1]), EXACT_EXP.get(dt, -108)) * m, tiny)
     hi = float(dk.max())
     over = dt != torch.float64 and hi > torch.finfo(torch.float32).max / 4
     if lo < floor / 4 or hi > torch.finfo(torch.float32).max * 4 and dt != torch.float64:
@@ -247,7 +242,7 @@ def check_case(backend: str, c: dict) -> None:
     gout = torch.randn(dist.shape, generator=torch.Generator().manual_seed(c["seed"] + 1), dtype=torch.float64)
     dist.backward(gout.to(dist.dtype).to(dist.device))
     diff = x64.unsqueeze(1) - r64[idx_c]
-    r = _robust_norm(diff)
+    r = robust_norm(diff)
     # g_ij times the unit vector (x_i - ref_j) / r_ij (0 where r = 0): in range at any scale
     terms = torch.where(r > 0, gout, 0.0).unsqueeze(2) * (diff / torch.where(r > 0, r, 1.0).unsqueeze(2))
     want_gx = terms.sum(1)
@@ -295,6 +290,15 @@ FOUND = [
     dict(dtype=torch.float32, mode="offset", kind="clusters", b=57, n=137, d=80, k=3, scale_exp=1, shift=0.0,
          offset=58, dup=0.5, bank_has_queries=False, x_layout="contig", ref_layout="contig", ref_grad=False,
          estimator="mom", seed=524),
+    # Two rows at ~1e-41 (1e-17 scale, 1e-24 far factor): their distance is a float32 subnormal,
+    # returned rounded to the subnormal grid (rel. error 4e-6) and its backward's 1 / r overflowed
+    # (Inf). Refused now: no nonzero distance below float32's smallest normal.
+    dict(dtype=torch.float32, mode="self", kind="gauss", b=2, n=2, d=2, k=1, scale_exp=-17, shift=0.0,
+         offset=0, dup=0.0, bank_has_queries=False, x_layout="contig", ref_layout="contig", ref_grad=False,
+         estimator="mom", seed=0, far=2, far_exp=-24, eps=1e-12),
+    dict(dtype=torch.float32, mode="offset", kind="clusters", b=61, n=127, d=3, k=1, scale_exp=-12, shift=0.0,
+         offset=0, dup=0.1, bank_has_queries=False, x_layout="contig", ref_layout="contig", ref_grad=False,
+         estimator="mom", seed=0, far=2, far_exp=-24, eps=1e-12),
 ]
 
 
@@ -308,6 +312,8 @@ def test_fuzz_against_oracle(backend):
     @given(c=cases(small))
     @example(c=FOUND[0])
     @example(c=FOUND[1])
+    @example(c=FOUND[2])
+    @example(c=FOUND[3])
     def run(c):
         check_case(backend, c)
 

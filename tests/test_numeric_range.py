@@ -28,7 +28,7 @@ import ldreg_kernels as L
 from ldreg_kernels import _host
 from ldreg_kernels.api import DEFAULT_EPS
 from ldreg_kernels.estimators import lid_from_distances
-from utils import SESSION_SEED, assert_knn_matches, features, generator, lid_rtol, robust_oracle
+from utils import SESSION_SEED, assert_knn_matches, features, generator, lid_rtol, robust_cdist, robust_oracle
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = L.available_backends(DEV)
@@ -236,6 +236,45 @@ def test_mixed_scale_beyond_the_dtype_raises(device_backend, case):
     if dtype == torch.float32:
         d, i = L.knn(x.double(), k=5, backend=backend)
         assert_knn_matches(d.cpu(), i.cpu(), x.cpu().double(), x.cpu().double(), 5, robust=True)
+
+
+UNDERFLOW = [
+    # (id, dtype, scale of the batch, relative spread of the close pair)
+    ("fp32-rows-1e-36", torch.float32, 1e-36, 1e-4),  # normal rows, a pair 1e-40 apart
+    ("fp32-rows-1e-40", torch.float32, 1e-40, 0.5),  # subnormal rows themselves
+    ("fp64-rows-1e-300", torch.float64, 1e-300, 1e-12),
+]
+
+
+@pytest.mark.parametrize("case", UNDERFLOW, ids=[c[0] for c in UNDERFLOW])
+def test_subnormal_distances_raise(device_backend, case):
+    """A nonzero distance below the dtype's smallest normal (float32 2^-126, float64 2^-1022)
+    keeps fewer bits than the dtype's precision and its backward's 1 / r overflows: the long
+    fuzz profile found it returned rounded (rel. error 4e-6 at 4e-41) with an Inf gradient.
+    ValueError naming the limit now; a pair just above it (2^-120) is exact, gradient finite."""
+    dev, backend = device_backend
+    _, dtype, scale, spread = case
+    g = generator("underflow", str(dtype), scale)
+    x64 = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    x64[1] = x64[0] * (1 + spread)  # row 1 close to row 0
+    x = (x64 * scale).to(dtype)
+    name = "float32" if dtype == torch.float32 else "float64"
+    tiny = torch.finfo(dtype).tiny
+    hint = "pass float64 features" if dtype == torch.float32 else "rescale the features"
+    msg = (rf"^the distances underflow {name}: some nonzero neighbour distance is below {tiny:g}, {name}'s "
+           rf"smallest normal, where it cannot be held to {name}'s precision \(largest \|feature\| is .*\); {hint}$")
+    assert 0 < float(robust_cdist(x[:1], x[1:2])) < tiny
+    with pytest.raises(ValueError, match=msg):
+        L.knn(x.to(dev), k=2, backend=backend)
+    with pytest.raises(ValueError, match=msg):
+        L.ldreg_loss(x.to(dev), k=2, beta=0.1, backend=backend)
+    # The same pair scaled up to ~2^-120 (float64: 2^-1016): answered, exact, finite gradient.
+    up = (x64 * (2.0**-120 if dtype == torch.float32 else 2.0**-1016) / float(x64[:2].abs().max() * spread)).to(dtype)
+    xs = up.to(dev).requires_grad_()
+    d, i = L.knn(xs, k=2, backend=backend)
+    assert_knn_matches(d.detach().cpu(), i.cpu(), up, up, 2, robust=True)
+    d.sum().backward()
+    assert torch.isfinite(xs.grad).all()
 
 
 def test_mixed_scale_rule_constants_agree():

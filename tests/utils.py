@@ -66,11 +66,21 @@ def robust_cdist(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], ref.shape[0], dtype=torch.float64)
     step = max(1, (1 << 22) // max(1, ref.shape[0] * x.shape[1]))
     for s in range(0, x.shape[0], step):
-        diff = x[s : s + step].unsqueeze(1) - ref.unsqueeze(0)
-        mx = diff.abs().amax(dim=2, keepdim=True)
-        p = torch.where(mx > 0, torch.exp2(-torch.frexp(mx).exponent.double()), torch.ones((), dtype=torch.float64))
-        out[s : s + step] = torch.linalg.vector_norm(diff * p, dim=2) / p[..., 0]
+        out[s : s + step] = robust_norm(x[s : s + step].unsqueeze(1) - ref.unsqueeze(0))
     return out
+
+
+def robust_norm(diff: torch.Tensor) -> torch.Tensor:
+    """||diff|| over the last dim in float64, each vector scaled by the power of two of its
+    largest |component| first (no square under- or overflows). A subnormal largest component
+    (its power of two, 2^1040 or so, would overflow) is first raised by 2^600, exactly."""
+    diff = diff.double()
+    mx = diff.abs().amax(dim=-1, keepdim=True)
+    one = torch.ones((), dtype=torch.float64)
+    pre = torch.where(mx < 2.0**-900, torch.full((), 2.0**600, dtype=torch.float64), one)
+    diff, mx = diff * pre, mx * pre
+    p = torch.where(mx > 0, torch.exp2(-torch.frexp(mx).exponent.double()), one)
+    return torch.linalg.vector_norm(diff * p, dim=-1) / p[..., 0] / pre[..., 0]
 
 
 def robust_oracle(x: torch.Tensor, ref: torch.Tensor, k: int, exclude_self=True, self_offset=0):
