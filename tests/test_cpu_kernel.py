@@ -61,6 +61,19 @@ def test_many_ties_shrink_and_order_by_index():
     assert torch.allclose(dist.double(), want_d[:, :70], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n, d", [(700, 64), (5000, 512)])  # one reference chunk; several (~4 MiB each)
+def test_self_knn_reuses_the_centred_queries_bit_for_bit(n, d):
+    """Where ref is x's own memory (ldreg_loss(x) passes x.detach()), the kernel reuses the
+    centred queries and their norms as the reference's: the answer equals a separate copy's
+    bit for bit, and the oracle's."""
+    x = features(n, d, generator("cpu-self-alias", n, d))
+    k = 16
+    got = torch.ops.ldreg.knn_native(x, x.detach(), k, 0, True)
+    copy = torch.ops.ldreg.knn_native(x, x.clone(), k, 0, True)
+    assert torch.equal(got[0], copy[0]) and torch.equal(got[1], copy[1])
+    assert assert_knn_matches(got[0], got[1], x, x, k) > 0.9
+
+
 def test_thread_count_changes_nothing():
     g = generator("cpu-threads")
     ref = features(5000, 64, g)

@@ -412,6 +412,8 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   const at::Tensor xs = (x.to(ct) - mu).contiguous();
   const at::Tensor sqx = (xs * xs).sum(1);
   const acc_t* xsp = xs.data_ptr<acc_t>();
+  // The same rows in memory (ldreg_loss(x) passes x.detach(): another tensor, one storage).
+  const bool same = x.data_ptr() == ref.data_ptr() && x.sizes() == ref.sizes() && x.strides() == ref.strides();
 
   // Query blocks: at most kRowsMax rows, and at least one block per thread.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -434,8 +436,10 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
 
   for (int64_t c0 = 0; c0 < n; c0 += chunk) {
     const int64_t cn = std::min(chunk, n - c0);
-    const at::Tensor rc = (ref.narrow(0, c0, cn).to(ct) - mu).contiguous();
-    const at::Tensor sqr_t = (rc * rc).sum(1);
+    // Self-kNN (ref is x, as ldreg_loss(x) passes it): the centred rows and their norms are
+    // already there, bit for bit the same (the same ops on the same rows).
+    const at::Tensor rc = same ? xs.narrow(0, c0, cn) : (ref.narrow(0, c0, cn).to(ct) - mu).contiguous();
+    const at::Tensor sqr_t = same ? sqx.narrow(0, c0, cn) : (rc * rc).sum(1);
     max_sqr = std::max(max_sqr, sqr_t.max().template item<acc_t>());
     const acc_t* sqr = sqr_t.data_ptr<acc_t>();
 #ifdef LDREG_X86_AVX2
