@@ -197,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python experiments/ssl_results.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows, deltas = table(groups)
     some = next(iter(groups.values()))[0]["config"]
+    # Each method its own optimiser settings (methods.METHOD_DEFAULTS): name every one, not the first.
+    lrs = ", ".join(sorted({f"{rs[0]['config']['method']} {rs[0]['config']['lr']:g} "
+                            f"({rs[0]['config']['weight_decay']:g})" for rs in groups.values()}))
     lines = [f"# SSL results: {a.dataset}, {slug}", "",
              f"{datetime.date.today()}, torch {torch.__version__}, device {a.device}, CPU {cpu_model()}. "
              f"Command: `{cmd}`", "",
              f"Each run: {a.epochs} epochs, batch {some['batch_size']}, small ResNet (16-32-64-128, 128-d encoder "
-             f"output), AdamW lr {some['lr']:g} with warm-up + cosine. Protocol `{a.protocol}`: LDReg on the encoder "
+             f"output), AdamW with warm-up + cosine, lr (weight decay) per method: {lrs}. Protocol `{a.protocol}`: LDReg on the encoder "
              f"output, k={some['k']}, reg l1, MoM estimator, switched on after {some['warmup_epochs']} warm-up "
              "epoch(s); reference = the batch (SimCLR: both views; BYOL: online + target views, each query's own "
              "target twin excluded). BYOL: base EMA momentum "
