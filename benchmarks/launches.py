@@ -15,6 +15,9 @@ counts it as one launch, leaving out what the interpreter did inside.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -85,6 +88,28 @@ def _marked_tolist():
         torch.Tensor.tolist = orig
 
 
+@contextlib.contextmanager
+def _without_kineto_trace_lines():
+    """torch 2.13's profiler writes two "USDT: ... profiler_start/stop" lines to stderr (fd 2,
+    from C++) per profile: 40+ lines of noise in `make demo`. Its stderr is caught in a file
+    and written back without them, so any other message still shows."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(True) if not ln.startswith("USDT:")]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def count(step: Callable[[], object], warmup: int = 1) -> Counts:
     """Profile one call of ``step`` (after ``warmup`` calls) and count its device work.
 
@@ -92,7 +117,8 @@ def count(step: Callable[[], object], warmup: int = 1) -> Counts:
     (on CUDA it is a device-side assert, no sync)."""
     for _ in range(warmup):
         step()
-    with _marked_triton_launches(), _marked_tolist(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _without_kineto_trace_lines(), _marked_triton_launches(), _marked_tolist(), \
+            profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     names: Counter = Counter()
     launches = 0
