@@ -168,3 +168,51 @@ def test_a_bad_or_unrunnable_forced_kernel_is_refused(monkeypatch):
             L.knn(torch.randn(20, 4), k=3, backend="cpu")
     with pytest.raises(ValueError, match="dim must be positive"):
         torch.ops.ldreg.cpu_score_kernel(0)
+
+
+# Exact distances of the re-rank go 1, 2 or 4 candidates per call (csrc/cpu/rerank.h,
+# sqdist_multi): each candidate keeps the same lanes, chains and reduction, so the bits match.
+_GROUPS = ["1"] + ["2"] * _RUNS["avx2"] + ["4"] * (_RUNS["avx2"] and "avx512vl" in _FLAGS)
+
+
+@pytest.mark.parametrize(
+    "b, n, d, k, dtype, exclude_self",
+    [
+        (70, 700, 5, 9, torch.float32, True),  # D under one 8-lane vector: the tail alone
+        (33, 2100, 33, 64, torch.float32, False),  # a ragged tail; k = one chunk of 64 exactly
+        (17, 400, 2048, 100, torch.float32, True),  # k > 64: a full chunk and a ragged one per row
+        (301, 3000, 24, 40, torch.float32, False),  # candidates past the k (certificate misses) go grouped too
+        (40, 900, 64, 7, torch.bfloat16, False),  # not float: one at a time, whatever the group
+    ],
+)
+def test_every_rerank_group_gives_the_same_answer(monkeypatch, b, n, d, k, dtype, exclude_self):
+    if len(_GROUPS) < 2:
+        pytest.skip("this CPU has no AVX2: the re-rank runs one candidate at a time only")
+    g = generator("cpu-rerank-group", b, n, d, k)
+    both = features(n + b, d, g, dtype)
+    ref = both[:n]
+    off = int(torch.randint(0, n - b + 1, (), generator=g)) if exclude_self else 0
+    x = ref[off : off + b] if exclude_self else both[n:]
+    got = {}
+    for grp in _GROUPS:
+        monkeypatch.setenv("LDREG_CPU_RERANK_GROUP", grp)
+        got[grp] = L.knn(x, ref, k, exclude_self=exclude_self, self_offset=off, backend="cpu")
+    dist, idx = got["1"]
+    for grp in _GROUPS[1:]:
+        assert torch.equal(got[grp][0], dist) and torch.equal(got[grp][1], idx), grp
+    assert assert_knn_matches(dist, idx, x.float(), ref.float(), k, exclude_self=exclude_self, self_offset=off) > 0.5
+
+
+def test_a_bad_or_unrunnable_rerank_group_is_refused(monkeypatch):
+    x = torch.randn(20, 4)
+    monkeypatch.setenv("LDREG_CPU_RERANK_GROUP", "3")
+    with pytest.raises(ValueError, match="LDREG_CPU_RERANK_GROUP must be 1, 2 or 4, got '3'"):
+        L.knn(x, k=3, backend="cpu")
+    for grp, lacks in (("4", "AVX-512VL"), ("2", "AVX2/FMA")):
+        if grp not in _GROUPS:
+            monkeypatch.setenv("LDREG_CPU_RERANK_GROUP", grp)
+            with pytest.raises(ValueError, match=f"LDREG_CPU_RERANK_GROUP={grp}: this CPU lacks {lacks}"):
+                L.knn(x, k=3, backend="cpu")
+            break
+    monkeypatch.setenv("LDREG_CPU_RERANK_GROUP", "1")  # runs on every CPU
+    assert torch.equal(L.knn(x, k=3, backend="cpu")[1], L.knn(x, k=3, backend="reference")[1])

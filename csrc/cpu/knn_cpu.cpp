@@ -14,7 +14,8 @@
 //      per thread plus O(B * m); never B x N.
 //   2. Per row, exact distances by direct differences (float for float/half/bf16 input,
 //      double for double; rerank.h for float: FMA chains, and candidates ordered by bucket
-//      select/sort on (value, index) keys) of the k best-scored candidates, then of any other candidate the
+//      select/sort on (value, index) keys; float rows 2 or 4 candidates per call, sharing the
+//      query's loads, bit-equal to one at a time) of the k best-scored candidates, then of any other candidate the
 //      certificate's test cannot prove farther than the largest of those; lexicographic
 //      (distance, index) order, keep k. Rows where an unseen reference row could still tie
 //      or beat the k-th neighbour within matmul rounding (the certificate, knn.h, with the
@@ -32,6 +33,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -145,6 +147,22 @@ __attribute__((target_clones("avx2", "default")))
 #endif
 float sqdist_f32(const float* a, const float* b, int64_t d) {
   return sqdist<float, float>(a, b, d);
+}
+
+// Float candidates per exact-distance call (rerank::sqdist_multi): the widest this CPU runs, or
+// LDREG_CPU_RERANK_GROUP=1|2|4 (tests force each: the bits are the same, only the speed moves).
+// 0: no AVX2, one candidate at a time through sqdist_f32.
+inline int rerank_group() {
+  const int widest = !cpu_has_avx2_fma() ? 0 : cpu_has_avx512vl() ? 4 : 2;
+  const char* env = std::getenv("LDREG_CPU_RERANK_GROUP");
+  if (env == nullptr || env[0] == '\0') return widest;
+  const std::string v(env);
+  TORCH_CHECK_VALUE(v == "1" || v == "2" || v == "4", "LDREG_CPU_RERANK_GROUP must be 1, 2 or 4, got '", v, "'");
+  const int g = std::stoi(v);
+  if (g == 1) return widest == 0 ? 0 : 1;  // one at a time runs everywhere
+  TORCH_CHECK_VALUE(g <= widest, "LDREG_CPU_RERANK_GROUP=", g, ": this CPU lacks ", g == 4 ? "AVX-512VL" : "AVX2/FMA",
+                    "; use ", widest == 2 ? "1 or 2" : "1");
+  return g;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -288,6 +306,34 @@ inline void filter_row(acc_t* s, const acc_t* sqr, int64_t n, int64_t j0, int64_
   }
 }
 
+// Exact distance keys, in place, of keys[lo..hi) (score keys: the index is kept): float rows go
+// `group` candidates per call (sharing the query's loads), in chunks of kExactChunk.
+template <typename scalar_t>
+inline void exact_keys(uint64_t* keys, int64_t lo, int64_t hi, const scalar_t* xr, const scalar_t* rp, int64_t dim,
+                       int group) {
+  const auto key_of = [](float sq, int32_t i) { return rerank::key(std::sqrt(sq), i); };
+#ifdef LDREG_X86_AVX2
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (group > 0) {
+      constexpr int64_t kExactChunk = 64;
+      const float* rows[kExactChunk];
+      float sq[kExactChunk];
+      for (int64_t c0 = lo; c0 < hi; c0 += kExactChunk) {
+        const int64_t cn = std::min(kExactChunk, hi - c0);
+        for (int64_t c = 0; c < cn; ++c) rows[c] = rp + static_cast<int64_t>(rerank::key_index(keys[c0 + c])) * dim;
+        rerank::sqdist_multi(xr, rows, cn, dim, sq, group);
+        for (int64_t c = 0; c < cn; ++c) keys[c0 + c] = key_of(sq[c], rerank::key_index(keys[c0 + c]));
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t c = lo; c < hi; ++c) {
+    const int32_t i = rerank::key_index(keys[c]);
+    keys[c] = key_of(exact_sqdist<scalar_t, float>(xr, rp + static_cast<int64_t>(i) * dim, dim), i);
+  }
+}
+
 // The float re-rank of one row (the double one, inline below, does the same with
 // nth_element and sort over candidates): the k best-scored candidates by (score, index) key
 // (select_smallest); exact distances of those, whose largest w0 bounds the k-th exact
@@ -295,25 +341,18 @@ inline void filter_row(acc_t* s, const acc_t* sqr, int64_t n, int64_t j0, int64_
 // than w0; the k smallest (distance, index) keys, sorted, are the answer.
 template <typename scalar_t>
 void rerank_by_keys(const Cand<float>* h, int64_t cnt, int64_t k, const scalar_t* xr, const scalar_t* rp, int64_t dim,
-                    float sqx, float a, float coef, rerank::Scratch& s, float* dout, int64_t* iout) {
+                    float sqx, float a, float coef, int group, rerank::Scratch& s, float* dout, int64_t* iout) {
   uint64_t* keys = s.keys.data();
   for (int64_t c = 0; c < cnt; ++c) keys[c] = rerank::key(h[c].d, h[c].i);
   rerank::select_smallest(keys, cnt, k, s);
-  const auto exact = [&](uint64_t key) {
-    const int32_t i = rerank::key_index(key);
-    return rerank::key(std::sqrt(exact_sqdist<scalar_t, float>(xr, rp + static_cast<int64_t>(i) * dim, dim)), i);
-  };
   // In place: keys[0..k) become distance keys; keys[k..e) the candidates that need one.
-  uint64_t far = 0;
-  for (int64_t c = 0; c < k; ++c) {
-    keys[c] = exact(keys[c]);
-    far = std::max(far, keys[c]);
-  }
-  const float w0 = rerank::key_value(far);
+  exact_keys(keys, 0, k, xr, rp, dim, group);
+  const float w0 = rerank::key_value(*std::max_element(keys, keys + k));
   int64_t e = k;
   for (int64_t c = k; c < cnt; ++c) {
-    if (!certified<float>(w0, rerank::key_value(keys[c]) + sqx, a, coef)) keys[e++] = exact(keys[c]);
+    if (!certified<float>(w0, rerank::key_value(keys[c]) + sqx, a, coef)) keys[e++] = keys[c];
   }
+  exact_keys(keys, k, e, xr, rp, dim, group);
   const uint64_t* sorted = rerank::sort_keys(keys, e, s);
   for (int64_t c = 0; c < k; ++c) {
     dout[c] = rerank::key_value(sorted[c]);
@@ -481,6 +520,7 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   std::vector<uint8_t> redo(static_cast<size_t>(b), 0);
   // Selection reads the inputs as they are (no TF32 on CPU): only accumulation rounding.
   const acc_t coef = static_cast<acc_t>(certificate_coef(dim, std::numeric_limits<acc_t>::epsilon(), 0.0));
+  const int group = rerank_group();
 
   at::parallel_for(0, b, 8, [&](int64_t r0, int64_t r1) {
     const auto by_score = [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return a.d < b.d; };
@@ -499,7 +539,7 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
       // than w0 (the certificate's own test, with its score as the bound) cannot be among
       // the k nearest and gets no exact distance; the rest are moved up behind the k.
       if constexpr (std::is_same_v<acc_t, float>) {
-        rerank_by_keys<scalar_t>(h, cnt, k, xr, rp, dim, sqxp[row], a, coef, scratch, dp + row * k,
+        rerank_by_keys<scalar_t>(h, cnt, k, xr, rp, dim, sqxp[row], a, coef, group, scratch, dp + row * k,
                                  ip + row * k);
       } else {
         if (cnt > k) std::nth_element(h, h + (k - 1), h + cnt, by_score);

@@ -51,6 +51,84 @@ __attribute__((target("avx2,fma"))) inline float sqdist_avx2(const float* a, con
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   return _mm_cvtss_f32(h);
 }
+
+// sqdist_avx2 of one query a against C candidates b[0..C), sharing the query's loads: the
+// candidates' rows are gathered from L2/L3 and the loads, not the FMAs, bound the loop, so one
+// load of a serves C of them. Each candidate keeps its own four chains, tail and reduction
+// order, so every pair gets exactly sqdist_avx2's bits. 4 C accumulators plus the query's four
+// vectors: C = 2 fits AVX2's 16 registers, C = 4 needs AVX-512VL's 32 (sqdist_multi).
+template <int C>
+__attribute__((target("avx2,fma"), always_inline)) inline void sqdist_avx2_multi(const float* a, const float* const* b,
+                                                                                int64_t d, float* out) {
+  __m256 s[C][4];
+#pragma GCC unroll 4
+  for (int c = 0; c < C; ++c) s[c][0] = s[c][1] = s[c][2] = s[c][3] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    const __m256 x0 = _mm256_loadu_ps(a + j), x1 = _mm256_loadu_ps(a + j + 8);
+    const __m256 x2 = _mm256_loadu_ps(a + j + 16), x3 = _mm256_loadu_ps(a + j + 24);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m256 t0 = _mm256_sub_ps(x0, _mm256_loadu_ps(b[c] + j));
+      const __m256 t1 = _mm256_sub_ps(x1, _mm256_loadu_ps(b[c] + j + 8));
+      const __m256 t2 = _mm256_sub_ps(x2, _mm256_loadu_ps(b[c] + j + 16));
+      const __m256 t3 = _mm256_sub_ps(x3, _mm256_loadu_ps(b[c] + j + 24));
+      s[c][0] = _mm256_fmadd_ps(t0, t0, s[c][0]);
+      s[c][1] = _mm256_fmadd_ps(t1, t1, s[c][1]);
+      s[c][2] = _mm256_fmadd_ps(t2, t2, s[c][2]);
+      s[c][3] = _mm256_fmadd_ps(t3, t3, s[c][3]);
+    }
+  }
+  for (; j + 8 <= d; j += 8) {
+    const __m256 x = _mm256_loadu_ps(a + j);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m256 t = _mm256_sub_ps(x, _mm256_loadu_ps(b[c] + j));
+      s[c][0] = _mm256_fmadd_ps(t, t, s[c][0]);
+    }
+  }
+  if (j < d) {
+    alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - (d - j)));
+    const __m256 x = _mm256_maskload_ps(a + j, mask);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m256 t = _mm256_sub_ps(x, _mm256_maskload_ps(b[c] + j, mask));
+      s[c][1] = _mm256_fmadd_ps(t, t, s[c][1]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < C; ++c) {
+    const __m256 v = _mm256_add_ps(_mm256_add_ps(s[c][0], s[c][1]), _mm256_add_ps(s[c][2], s[c][3]));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    out[c] = _mm_cvtss_f32(h);
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline void sqdist_avx2_x2(const float* a, const float* const* b, int64_t d,
+                                                               float* out) {
+  sqdist_avx2_multi<2>(a, b, d, out);
+}
+
+// The same AVX2 arithmetic; AVX-512VL only gives the compiler ymm16-31 for the accumulators.
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) inline void sqdist_avx2_x4(const float* a, const float* const* b,
+                                                                                int64_t d, float* out) {
+  sqdist_avx2_multi<4>(a, b, d, out);
+}
+
+// out[c] = sqdist_avx2(a, b[c], d) for c < n, g (1, 2, or 4 where AVX-512VL runs) at a time.
+inline void sqdist_multi(const float* a, const float* const* b, int64_t n, int64_t d, float* out, int g) {
+  int64_t c = 0;
+  if (g == 4) {
+    for (; c + 4 <= n; c += 4) sqdist_avx2_x4(a, b + c, d, out + c);
+  }
+  if (g >= 2) {
+    for (; c + 2 <= n; c += 2) sqdist_avx2_x2(a, b + c, d, out + c);
+  }
+  for (; c < n; ++c) out[c] = sqdist_avx2(a, b[c], d);
+}
 #endif
 
 // Order-preserving unsigned image of a non-NaN float (negative scores included), and back
