@@ -14,7 +14,9 @@ beta per method; ``--max-runs`` bounds the new runs of one call (the rest on the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import os
 import statistics
 import sys
@@ -46,7 +48,15 @@ def train_or_load(cfg: TrainConfig, out: str) -> dict:
             Trainer.resume(out, cfg).fit()
         else:
             Trainer(cfg, out).fit()
-    return load_run(out)
+    run = load_run(out)
+    # Run folders are named by method, beta and seed only: a finished run from older defaults
+    # (another lr, batch, ...) would otherwise be reported as if it had today's settings.
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    stale = {key: (run["config"].get(key), v) for key, v in want.items() if run["config"].get(key) != v}
+    if stale:
+        raise SystemExit(f"{out} was trained with other settings ({', '.join(f'{key}: {old!r}, now {new!r}' for key, (old, new) in stale.items())}); "
+                         "move it away or pass another --runs")
+    return run
 
 
 def final(run: dict, key: str) -> float:
@@ -200,12 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     # Each method its own optimiser settings (methods.METHOD_DEFAULTS): name every one, not the first.
     lrs = ", ".join(sorted({f"{rs[0]['config']['method']} {rs[0]['config']['lr']:g} "
                             f"({rs[0]['config']['weight_decay']:g})" for rs in groups.values()}))
+    batches = ", ".join(sorted({f"{rs[0]['config']['method']} {rs[0]['config']['batch_size']}"
+                                for rs in groups.values()}))
+    ks = ", ".join(sorted({f"{rs[0]['config']['method']} {rs[0]['config']['k']}" for rs in groups.values()}))
     lines = [f"# SSL results: {a.dataset}, {slug}", "",
              f"{datetime.date.today()}, torch {torch.__version__}, device {a.device}, CPU {cpu_model()}. "
              f"Command: `{cmd}`", "",
-             f"Each run: {a.epochs} epochs, batch {some['batch_size']}, small ResNet (16-32-64-128, 128-d encoder "
+             f"Each run: {a.epochs} epochs, batch per method: {batches}, small ResNet (16-32-64-128, 128-d encoder "
              f"output), AdamW with warm-up + cosine, lr (weight decay) per method: {lrs}. Protocol `{a.protocol}`: LDReg on the encoder "
-             f"output, k={some['k']}, reg l1, MoM estimator, switched on after {some['warmup_epochs']} warm-up "
+             f"output, k per method: {ks}, reg l1, MoM estimator, switched on after {some['warmup_epochs']} warm-up "
              "epoch(s); reference = the batch (SimCLR: both views; BYOL: online + target views, each query's own "
              "target twin excluded). BYOL: base EMA momentum "
              f"{TrainConfig(method='byol').momentum:g}, predictor lr x{TrainConfig(method='byol').predictor_lr_mult:g} "

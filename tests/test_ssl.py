@@ -161,6 +161,23 @@ def test_paper_beta_defaults():
     assert TrainConfig(method="simclr").beta == 0.01 and TrainConfig(method="byol").beta == 0.005
 
 
+def test_each_method_has_its_own_batch_and_optimiser_defaults():
+    """BYOL's come from experiments/byol_search.py stage 5; an explicit value always wins, and
+    the paper's k follows the batch the method ends up with."""
+    from ldreg_kernels.ssl.cli import config_from_args, parser
+
+    byol, simclr = TrainConfig(method="byol"), TrainConfig(method="simclr")
+    assert (byol.batch_size, byol.lr, byol.weight_decay, byol.momentum, byol.predictor_lr_mult) == \
+        (128, 5e-3, 0.1, 0.0, 10.0)
+    assert (simclr.batch_size, simclr.lr, simclr.weight_decay) == (256, 2e-3, 1e-6)
+    assert TrainConfig(method="byol", batch_size=1024, protocol="paper").k == 32
+    c = config_from_args(parser().parse_args(["byol", "--weight-decay", "0", "--out", "x"]))
+    assert (c.batch_size, c.weight_decay) == (128, 0.0)
+    assert config_from_args(parser().parse_args(["byol", "--batch-size", "512", "--out", "x"])).batch_size == 512
+    with pytest.raises(ValueError, match="^batch_size must be >= 1, got 0$"):
+        TrainConfig(method="byol", batch_size=0)
+
+
 def test_paper_protocol_fills_only_the_unset_settings():
     from ldreg_kernels.ssl.cli import config_from_args, parser
 
@@ -344,3 +361,14 @@ def test_results_name_the_cpu_as_the_benchmarks_do():
 
     R = _ssl_results()
     assert R.machine_slug("cpu") == f"cpu-{cpu_slug()}-{os.cpu_count()}core"
+
+
+def test_results_refuse_a_finished_run_trained_with_other_settings(tmp_path):
+    # Run folders are named by method, beta and seed only: a run from older defaults must not
+    # be reported as if it had today's.
+    R = _ssl_results()
+    out = str(tmp_path / "run")
+    first = R.train_or_load(tiny_cfg(method="byol", epochs=1), out)
+    assert R.train_or_load(tiny_cfg(method="byol", epochs=1), out)["config"] == first["config"]  # loaded, same
+    with pytest.raises(SystemExit, match=r"run was trained with other settings \(lr: 0\.005, now 0\.001\)"):
+        R.train_or_load(tiny_cfg(method="byol", epochs=1, lr=1e-3), out)

@@ -114,8 +114,8 @@ def parser() -> argparse.ArgumentParser:
                             "a k larger than the batch reference allows is skipped with a warning")
         s.add_argument("--backend", choices=["auto", *sorted(BACKENDS)], default=d.backend)
         s.add_argument("--epochs", type=int, default=d.epochs)
-        s.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (images)")
         md = METHOD_DEFAULTS[method]
+        s.add_argument("--batch-size", type=int, default=None, help=f"global batch (images; default {md['batch_size']})")
         s.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {md['lr']:g})")
         s.add_argument("--weight-decay", type=float, default=None,
                        help=f"AdamW (decoupled) weight decay (default {md['weight_decay']:g})")

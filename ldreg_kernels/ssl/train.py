@@ -118,9 +118,10 @@ class TrainConfig:
     predictor_lr_mult: Optional[float] = None
     backend: str = "auto"
     epochs: int = 20
-    batch_size: int = 256  # global batch (split across ranks under DDP)
-    lr: Optional[float] = None  # None: the method's (methods.METHOD_DEFAULTS): 2e-3 SimCLR, 5e-3 BYOL
-    weight_decay: Optional[float] = None  # None: the method's: 1e-6
+    # global batch (split across ranks under DDP); None: the method's (methods.METHOD_DEFAULTS): 256 SimCLR, 128 BYOL
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None  # None: the method's: 2e-3 SimCLR, 5e-3 BYOL
+    weight_decay: Optional[float] = None  # None: the method's: 1e-6 SimCLR, 0.1 BYOL
     widths: tuple[int, ...] = (16, 32, 64, 128)
     blocks: tuple[int, ...] = (1, 1, 1, 1)
     temperature: float = 0.5
