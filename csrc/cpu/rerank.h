@@ -20,43 +20,13 @@ namespace ldreg {
 namespace rerank {
 
 #ifdef LDREG_X86_AVX2
-// sum_j (a_j - b_j)^2: four 8-lane FMA chains, a masked load for the last d % 8 dimensions,
-// then a fixed reduction order (so a given pair always gets the same bits).
-__attribute__((target("avx2,fma"))) inline float sqdist_avx2(const float* a, const float* b, int64_t d) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-  int64_t j = 0;
-  for (; j + 32 <= d; j += 32) {
-    const __m256 t0 = _mm256_sub_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j));
-    const __m256 t1 = _mm256_sub_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8));
-    const __m256 t2 = _mm256_sub_ps(_mm256_loadu_ps(a + j + 16), _mm256_loadu_ps(b + j + 16));
-    const __m256 t3 = _mm256_sub_ps(_mm256_loadu_ps(a + j + 24), _mm256_loadu_ps(b + j + 24));
-    s0 = _mm256_fmadd_ps(t0, t0, s0);
-    s1 = _mm256_fmadd_ps(t1, t1, s1);
-    s2 = _mm256_fmadd_ps(t2, t2, s2);
-    s3 = _mm256_fmadd_ps(t3, t3, s3);
-  }
-  for (; j + 8 <= d; j += 8) {
-    const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j));
-    s0 = _mm256_fmadd_ps(t, t, s0);
-  }
-  if (j < d) {
-    alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - (d - j)));
-    const __m256 t = _mm256_sub_ps(_mm256_maskload_ps(a + j, mask), _mm256_maskload_ps(b + j, mask));
-    s1 = _mm256_fmadd_ps(t, t, s1);
-  }
-  const __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-
-// sqdist_avx2 of one query a against C candidates b[0..C), sharing the query's loads: the
-// candidates' rows are gathered from L2/L3 and the loads, not the FMAs, bound the loop, so one
-// load of a serves C of them. Each candidate keeps its own four chains, tail and reduction
-// order, so every pair gets exactly sqdist_avx2's bits. 4 C accumulators plus the query's four
-// vectors: C = 2 fits AVX2's 16 registers, C = 4 needs AVX-512VL's 32 (sqdist_multi).
+// out[c] = sum_j (a_j - b[c]_j)^2 for c < C: four 8-lane FMA chains per candidate, a masked load
+// for the last d % 8 dimensions, then a fixed reduction order (so a given pair always gets the
+// same bits). The C candidates share the query's loads: their rows are gathered from L2/L3 and
+// the loads, not the FMAs, bound the loop, so one load of a serves C of them. Each candidate has
+// its own four chains, tail and reduction order, the same for every C, so a pair gets the same
+// bits whichever C computes it. 4 C accumulators plus the query's four vectors: C = 2 fits
+// AVX2's 16 registers, C = 4 needs AVX-512VL's 32 (sqdist_multi).
 template <int C>
 __attribute__((target("avx2,fma"), always_inline)) inline void sqdist_avx2_multi(const float* a, const float* const* b,
                                                                                 int64_t d, float* out) {
@@ -105,6 +75,13 @@ __attribute__((target("avx2,fma"), always_inline)) inline void sqdist_avx2_multi
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     out[c] = _mm_cvtss_f32(h);
   }
+}
+
+// One candidate (the re-rank without grouping, and the exhaustive redo).
+__attribute__((target("avx2,fma"))) inline float sqdist_avx2(const float* a, const float* b, int64_t d) {
+  float out;
+  sqdist_avx2_multi<1>(a, &b, d, &out);
+  return out;
 }
 
 __attribute__((target("avx2,fma"))) inline void sqdist_avx2_x2(const float* a, const float* const* b, int64_t d,
