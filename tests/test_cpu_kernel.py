@@ -102,6 +102,16 @@ _FLAGS = _cpu_flags()
 _RUNS = {"blas": True, "avx2": {"avx2", "fma"} <= _FLAGS, "avx512": "avx512f" in _FLAGS}
 
 
+def _draw(tag: str, b: int, n: int, d: int, k: int, dtype: torch.dtype, exclude_self: bool):
+    """Queries, reference and self offset from one draw (separate draws have separate scales:
+    far queries, no gap to check); self-kNN queries are reference rows from a random offset."""
+    g = generator(tag, b, n, d, k)
+    both = features(n + b, d, g, dtype)
+    ref = both[:n]
+    off = int(torch.randint(0, n - b + 1, (), generator=g)) if exclude_self else 0
+    return (ref[off : off + b] if exclude_self else both[n:]), ref, off
+
+
 @pytest.mark.parametrize(
     "b, n, d, k, dtype, exclude_self",
     [
@@ -120,12 +130,7 @@ def test_every_score_kernel_gives_the_same_answer(monkeypatch, b, n, d, k, dtype
     kernels = [kn for kn, ok in _RUNS.items() if ok]
     if len(kernels) < 2:
         pytest.skip(f"this CPU runs only {kernels}")
-    g = generator("cpu-panels", b, n, d, k)
-    # One draw for x and ref (separate draws have separate scales: far queries, no gap to check).
-    both = features(n + b, d, g, dtype)
-    ref = both[:n]
-    off = int(torch.randint(0, n - b + 1, (), generator=g)) if exclude_self else 0
-    x = ref[off : off + b] if exclude_self else both[n:]
+    x, ref, off = _draw("cpu-panels", b, n, d, k, dtype, exclude_self)
     got = {}
     for kn in kernels:
         monkeypatch.setenv("LDREG_CPU_SCORES", kn)
@@ -188,11 +193,7 @@ _GROUPS = ["1"] + ["2"] * _RUNS["avx2"] + ["4"] * (_RUNS["avx2"] and "avx512vl" 
 def test_every_rerank_group_gives_the_same_answer(monkeypatch, b, n, d, k, dtype, exclude_self):
     if len(_GROUPS) < 2:
         pytest.skip("this CPU has no AVX2: the re-rank runs one candidate at a time only")
-    g = generator("cpu-rerank-group", b, n, d, k)
-    both = features(n + b, d, g, dtype)
-    ref = both[:n]
-    off = int(torch.randint(0, n - b + 1, (), generator=g)) if exclude_self else 0
-    x = ref[off : off + b] if exclude_self else both[n:]
+    x, ref, off = _draw("cpu-rerank-group", b, n, d, k, dtype, exclude_self)
     got = {}
     for grp in _GROUPS:
         monkeypatch.setenv("LDREG_CPU_RERANK_GROUP", grp)
