@@ -14,9 +14,7 @@ beta per method; ``--max-runs`` bounds the new runs of one call (the rest on the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -28,7 +26,7 @@ from benchmarks.machine import device_detail, machine_slug as _machine_slug  # n
 
 from ldreg_kernels.ssl.plot import load_run, plot_groups  # noqa: E402
 from ldreg_kernels.ssl.methods import DEFAULT_BETA  # noqa: E402
-from ldreg_kernels.ssl.train import TrainConfig, Trainer  # noqa: E402
+from ldreg_kernels.ssl.train import TrainConfig, Trainer, config_diff  # noqa: E402
 
 
 def machine_slug(device: str) -> str:
@@ -51,8 +49,12 @@ def train_or_load(cfg: TrainConfig, out: str) -> dict:
     run = load_run(out)
     # Run folders are named by method, beta and seed only: a finished run from older defaults
     # (another lr, batch, ...) would otherwise be reported as if it had today's settings.
-    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    stale = {key: (run["config"].get(key), v) for key, v in want.items() if run["config"].get(key) != v}
+    try:
+        saved = TrainConfig(**run["config"])
+    except (TypeError, ValueError) as e:  # fields of another version
+        raise SystemExit(f"{out} holds a configuration this version cannot read ({e}); "
+                         "move it away or pass another --runs") from None
+    stale = config_diff(saved, cfg)
     if stale:
         raise SystemExit(f"{out} was trained with other settings ({', '.join(f'{key}: {old!r}, now {new!r}' for key, (old, new) in stale.items())}); "
                          "move it away or pass another --runs")

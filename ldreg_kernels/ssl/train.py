@@ -186,6 +186,16 @@ class TrainConfig:
         return float(self.beta)  # type: ignore[arg-type]
 
 
+def config_diff(saved: TrainConfig, now: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """The fields where two configurations differ, as {name: (saved, now)}; a sequence read back
+    from JSON (a list) equals the same tuple."""
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {f.name: (getattr(saved, f.name), getattr(now, f.name)) for f in dataclasses.fields(now)
+            if f.name not in ignore and plain(getattr(saved, f.name)) != plain(getattr(now, f.name))}
+
+
 def check_runtime(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` unless ``cfg.device``, ``cfg.backend`` and ``cfg.amp`` work here.
 
@@ -509,8 +519,7 @@ class Trainer:
         except (TypeError, ValueError) as e:  # unknown fields (another version) or invalid values
             raise CheckpointError(f"--resume: {path} holds a configuration this version cannot use: {e}") from None
         if cfg is not None:
-            diff = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                    if getattr(saved, f.name) != getattr(cfg, f.name) and f.name != "device"}
+            diff = config_diff(saved, cfg, ignore=("device",))
             if diff:
                 raise CheckpointError(
                     "--resume: the checkpoint was written with a different configuration "
