@@ -58,7 +58,7 @@ BASE = dict(momentum=0.99, predictor_lr_mult=1.0, lr=2e-3, weight_decay=1e-6, ba
 
 
 def name(s: dict, seed: int) -> str:
-    batch = f"-b{s['batch_size']}" if s.get("batch_size", 256) != 256 else ""
+    batch = f"-b{s['batch_size']}" if s["batch_size"] != 256 else ""
     return (f"m{s['momentum']:g}-p{s['predictor_lr_mult']:g}-lr{s['lr']:g}-wd{s['weight_decay']:g}{batch}-s{seed}")
 
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in grid:
             rs = [done[name(s, seed)] for seed in a.seeds]
             accs, eranks = [final(r, "probe_acc") for r in rs], [final(r, "erank") for r in rs]
-            lines.append(f"- lr {s['lr']:g}, weight decay {s['weight_decay']:g}, batch {s.get('batch_size', 256)}: "
+            lines.append(f"- lr {s['lr']:g}, weight decay {s['weight_decay']:g}, batch {s['batch_size']}: "
                          f"probe {statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f}, erank "
                          f"{statistics.mean(eranks):.2f} ± {statistics.stdev(eranks):.2f} (mean ± std)")
         lines.append(f"Stage {stage} best: {b[1]}.")
