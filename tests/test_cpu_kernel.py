@@ -217,3 +217,38 @@ def test_a_bad_or_unrunnable_rerank_group_is_refused(monkeypatch):
             break
     monkeypatch.setenv("LDREG_CPU_RERANK_GROUP", "1")  # runs on every CPU
     assert torch.equal(L.knn(x, k=3, backend="cpu")[1], L.knn(x, k=3, backend="reference")[1])
+
+
+# The float backward's row kernel: AVX2 (32 features in registers over the k neighbours) or the
+# scalar grad_row, forced with LDREG_CPU_GRAD_SIMD; both fuse each step, so the bits match.
+@pytest.mark.parametrize(
+    "b, n, d, k, exclude_self",
+    [
+        (70, 700, 5, 9, True),  # D under one 32-feature block: the scalar tail alone
+        (33, 2100, 37, 64, False),  # one block and a ragged tail
+        (129, 129, 2048, 64, True),  # self-kNN, whole blocks only
+    ],
+)
+def test_both_grad_paths_give_the_same_bits_and_the_oracle_gradient(monkeypatch, b, n, d, k, exclude_self):
+    x, ref, off = _draw("cpu-grad-simd", b, n, d, k, torch.float32, exclude_self)
+    dist, idx = L.knn(x, ref, k, exclude_self=exclude_self, self_offset=off, backend="cpu")
+    g = generator("cpu-grad-simd-g", b, k)
+    grad_dist = torch.randn(b, k, generator=g)
+    grad_dist[0, : k // 2] = 0  # zero coefficients are skipped: the same on both paths
+    got = {}
+    for v in ("0", "1") if _RUNS["avx2"] else ("0",):
+        monkeypatch.setenv("LDREG_CPU_GRAD_SIMD", v)
+        got[v] = torch.ops.ldreg.knn_backward_native(grad_dist, x, ref, idx, dist, False)[0]
+    if "1" in got:
+        assert torch.equal(got["0"], got["1"])
+    # d r_ij / d x_i = (x_i - ref_j) / r_ij, in float64 at the same neighbours
+    x64, r64, d64 = x.double(), ref.double(), dist.double()
+    want = (grad_dist.double() / d64).unsqueeze(-1).mul(x64.unsqueeze(1) - r64[idx]).sum(1)
+    torch.testing.assert_close(got["0"].double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_a_bad_grad_simd_setting_is_refused(monkeypatch):
+    x = torch.randn(20, 4, requires_grad=True)
+    monkeypatch.setenv("LDREG_CPU_GRAD_SIMD", "yes")
+    with pytest.raises(ValueError, match="LDREG_CPU_GRAD_SIMD must be 0 or 1, got 'yes'"):
+        L.ldreg_loss(x, k=3, backend="cpu").backward()

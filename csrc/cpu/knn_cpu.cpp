@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -583,24 +584,80 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
 // grad_x of one query row: g = (sum_c coef_c (x - r_idx_c)) * inv, neighbour by neighbour.
 // coef is scaled by the row's s and inv = 1 / s (grad_row_scale in knn.h): an exact power
 // of two, so the product is the division by s, done once per feature.
-template <typename scalar_t, typename acc_t>
+// dim features from each row; rows of ref are `stride` apart (the AVX2 path's tail passes a
+// column slice). kFused: each step one rounding, std::fma (float: the AVX2 path's FMA, so both
+// paths give the same bits whatever the compiler contracts); otherwise as written.
+template <typename scalar_t, typename acc_t, bool kFused = false>
 inline void grad_row(const scalar_t* xi, const scalar_t* rp, const int64_t* ip, const acc_t* coef, acc_t inv,
-                     int64_t k, int64_t dim, acc_t* g) {
+                     int64_t k, int64_t dim, acc_t* g, int64_t stride) {
   for (int64_t c = 0; c < k; ++c) {
     const acc_t cf = coef[c];
     if (cf == 0) continue;
-    const scalar_t* rj = rp + ip[c] * dim;
-    for (int64_t d = 0; d < dim; ++d) g[d] += cf * (static_cast<acc_t>(xi[d]) - static_cast<acc_t>(rj[d]));
+    const scalar_t* rj = rp + ip[c] * stride;
+    for (int64_t d = 0; d < dim; ++d) {
+      const acc_t t = static_cast<acc_t>(xi[d]) - static_cast<acc_t>(rj[d]);
+      if constexpr (kFused) {
+        g[d] = std::fma(cf, t, g[d]);
+      } else {
+        g[d] += cf * t;
+      }
+    }
   }
   for (int64_t d = 0; d < dim; ++d) g[d] *= inv;
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx2", "default")))
+#ifdef LDREG_X86_AVX2
+// grad_row for float on AVX2, 32 features at a time: the sums stay in registers over the k
+// neighbours (grad_row loads and stores g once per neighbour), each neighbour's row is read
+// once. Per feature the same operations in the same order as grad_row<.., kFused> (g = 0,
+// then g = fma(cf, x - r, g) for c = 0 .. k-1, then g *= inv), so the bits are the same on
+// either path.
+__attribute__((target("avx2,fma"))) void grad_row_avx2(const float* xi, const float* rp, const int64_t* ip,
+                                                       const float* coef, float inv, int64_t k, int64_t dim,
+                                                       float* g) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int64_t j = 0;
+  for (; j + 32 <= dim; j += 32) {
+    const __m256 x0 = _mm256_loadu_ps(xi + j), x1 = _mm256_loadu_ps(xi + j + 8);
+    const __m256 x2 = _mm256_loadu_ps(xi + j + 16), x3 = _mm256_loadu_ps(xi + j + 24);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < k; ++c) {
+      if (coef[c] == 0) continue;
+      const __m256 cf = _mm256_set1_ps(coef[c]);
+      const float* r = rp + ip[c] * dim + j;
+      a0 = _mm256_fmadd_ps(cf, _mm256_sub_ps(x0, _mm256_loadu_ps(r)), a0);
+      a1 = _mm256_fmadd_ps(cf, _mm256_sub_ps(x1, _mm256_loadu_ps(r + 8)), a1);
+      a2 = _mm256_fmadd_ps(cf, _mm256_sub_ps(x2, _mm256_loadu_ps(r + 16)), a2);
+      a3 = _mm256_fmadd_ps(cf, _mm256_sub_ps(x3, _mm256_loadu_ps(r + 24)), a3);
+    }
+    _mm256_storeu_ps(g + j, _mm256_mul_ps(a0, vinv));
+    _mm256_storeu_ps(g + j + 8, _mm256_mul_ps(a1, vinv));
+    _mm256_storeu_ps(g + j + 16, _mm256_mul_ps(a2, vinv));
+    _mm256_storeu_ps(g + j + 24, _mm256_mul_ps(a3, vinv));
+  }
+  if (j < dim) grad_row<float, float, true>(xi + j, rp + j, ip, coef, inv, k, dim - j, g + j, dim);
+}
 #endif
+
+// The float backward's row kernel: AVX2 where the CPU runs it, or LDREG_CPU_GRAD_SIMD=0 for
+// the scalar grad_row (tests force both: the bits are the same, only the speed moves).
+inline bool grad_simd() {
+  const char* env = std::getenv("LDREG_CPU_GRAD_SIMD");
+  if (env != nullptr && env[0] != '\0') {
+    const std::string v(env);
+    TORCH_CHECK_VALUE(v == "0" || v == "1", "LDREG_CPU_GRAD_SIMD must be 0 or 1, got '", v, "'");
+    if (v == "0") return false;
+  }
+  return cpu_has_avx2_fma();
+}
+
 void grad_row_f32(const float* xi, const float* rp, const int64_t* ip, const float* coef, float inv, int64_t k,
-                  int64_t dim, float* g) {
-  grad_row<float, float>(xi, rp, ip, coef, inv, k, dim, g);
+                  int64_t dim, float* g, bool simd) {
+#ifdef LDREG_X86_AVX2
+  if (simd) return grad_row_avx2(xi, rp, ip, coef, inv, k, dim, g);
+#endif
+  (void)simd;
+  grad_row<float, float, true>(xi, rp, ip, coef, inv, k, dim, g, dim);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -620,14 +677,15 @@ void backward_cpu_impl(const at::Tensor& grad_dist, const at::Tensor& x, const a
   const scalar_t* rp = ref.data_ptr<scalar_t>();
   const int64_t* ip = idx.data_ptr<int64_t>();
   acc_t* gxp = gx.data_ptr<acc_t>();
+  const bool simd = grad_simd();
 
   at::parallel_for(0, b, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       inv[i] = backward_row_coef<acc_t>(gp + i * k, dp + i * k, k, coef + i * k);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        grad_row_f32(xp + i * dim, rp, ip + i * k, coef + i * k, inv[i], k, dim, gxp + i * dim);
+        grad_row_f32(xp + i * dim, rp, ip + i * k, coef + i * k, inv[i], k, dim, gxp + i * dim, simd);
       } else {
-        grad_row<scalar_t, acc_t>(xp + i * dim, rp, ip + i * k, coef + i * k, inv[i], k, dim, gxp + i * dim);
+        grad_row<scalar_t, acc_t>(xp + i * dim, rp, ip + i * k, coef + i * k, inv[i], k, dim, gxp + i * dim, dim);
       }
     }
   });
