@@ -14,7 +14,7 @@
 //      per thread plus O(B * m); never B x N.
 //   2. Per row, exact distances by direct differences (float for float/half/bf16 input,
 //      double for double; rerank.h for float: FMA chains, and candidates ordered by bucket
-//      select/sort on (value, index) keys; float rows 2 or 4 candidates per call, sharing the
+//      select/sort on (value, index) keys; float rows 4 candidates per call, sharing the
 //      query's loads, bit-equal to one at a time) of the k best-scored candidates, then of any other candidate the
 //      certificate's test cannot prove farther than the largest of those; lexicographic
 //      (distance, index) order, keep k. Rows where an unseen reference row could still tie
@@ -22,6 +22,10 @@
 //      row's final threshold as the bound) are redone exhaustively: exact distances to
 //      every reference row, streamed through a 2k-entry buffer per thread, so a collapsed
 //      batch (every row redone) costs no B x N memory.
+// Self-kNN of float rows (the reference is the queries' own tensor) may instead take every
+// pair's exact distance once (self_pairs.h) and select from them: the first call at each
+// shape times both paths and keeps the faster (knn_cpu_impl). Every float distance, on every
+// path and ISA, follows self_pairs.h's definition, so the paths and kernels agree bit for bit.
 // Backward: grad_x by rows; grad_ref by column blocks, so threads never write the same
 // element and the sum order is fixed (deterministic).
 #include <ATen/Dispatch.h>
@@ -29,12 +33,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -42,6 +50,7 @@
 #include "rerank.h"
 #include "score_choice.h"
 #include "score_tile.h"
+#include "self_pairs.h"
 
 namespace ldreg {
 namespace {
@@ -141,28 +150,18 @@ __attribute__((always_inline)) inline acc_t histogram_threshold(const acc_t* s, 
   return hi;
 }
 
-// The float case dominates the re-rank: compile it for AVX2 as well and let the loader
-// pick at run time (GCC function multiversioning), so the wheel still runs on any x86-64.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-float sqdist_f32(const float* a, const float* b, int64_t d) {
-  return sqdist<float, float>(a, b, d);
-}
-
-// Float candidates per exact-distance call (rerank::sqdist_multi): the widest this CPU runs, or
+// Float candidates per exact-distance call (rerank::sqdist_multi): 4 where AVX2 runs, or
 // LDREG_CPU_RERANK_GROUP=1|2|4 (tests force each: the bits are the same, only the speed moves).
-// 0: no AVX2, one candidate at a time through sqdist_f32.
+// 0: no AVX2, one candidate at a time through the definition's scalar loop.
 inline int rerank_group() {
-  const int widest = !cpu_has_avx2_fma() ? 0 : cpu_has_avx512vl() ? 4 : 2;
+  const int widest = cpu_has_avx2_fma() ? 4 : 0;
   const char* env = std::getenv("LDREG_CPU_RERANK_GROUP");
   if (env == nullptr || env[0] == '\0') return widest;
   const std::string v(env);
   TORCH_CHECK_VALUE(v == "1" || v == "2" || v == "4", "LDREG_CPU_RERANK_GROUP must be 1, 2 or 4, got '", v, "'");
   const int g = std::stoi(v);
   if (g == 1) return widest == 0 ? 0 : 1;  // one at a time runs everywhere
-  TORCH_CHECK_VALUE(g <= widest, "LDREG_CPU_RERANK_GROUP=", g, ": this CPU lacks ", g == 4 ? "AVX-512VL" : "AVX2/FMA",
-                    "; use ", widest == 2 ? "1 or 2" : "1");
+  TORCH_CHECK_VALUE(g <= widest, "LDREG_CPU_RERANK_GROUP=", g, ": this CPU lacks AVX2/FMA; use 1");
   return g;
 }
 
@@ -172,7 +171,7 @@ inline acc_t exact_sqdist(const scalar_t* a, const scalar_t* b, int64_t d) {
 #ifdef LDREG_X86_AVX2
     if (cpu_has_avx2_fma()) return rerank::sqdist_avx2(a, b, d);
 #endif
-    return sqdist_f32(a, b, d);
+    return self_pairs::sqdist_scalar(a, b, d);
   } else {
     return sqdist<scalar_t, acc_t>(a, b, d);
   }
@@ -188,9 +187,28 @@ void exhaustive_row(const scalar_t* xr, const scalar_t* rp, int64_t n, int64_t d
   int64_t cnt = 0;
   bool kept = false;
   acc_t thr = std::numeric_limits<acc_t>::infinity();
+  constexpr int64_t kAtOnce = 4;  // float: four rows per exact-distance call (rerank::sqdist_multi)
+  acc_t sq[kAtOnce];
   for (int64_t j = 0; j < n; ++j) {
+    const int64_t q = j % kAtOnce;
+    if (q == 0) {
+      const int64_t jn = std::min(kAtOnce, n - j);
+#ifdef LDREG_X86_AVX2
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (jn == kAtOnce && cpu_has_avx2_fma()) {
+          const float* rows[kAtOnce] = {rp + j * dim, rp + (j + 1) * dim, rp + (j + 2) * dim, rp + (j + 3) * dim};
+          rerank::sqdist_avx2_x4(xr, rows, dim, sq);
+        } else {
+          for (int64_t c = 0; c < jn; ++c) sq[c] = exact_sqdist<scalar_t, acc_t>(xr, rp + (j + c) * dim, dim);
+        }
+      } else
+#endif
+      {
+        for (int64_t c = 0; c < jn; ++c) sq[c] = exact_sqdist<scalar_t, acc_t>(xr, rp + (j + c) * dim, dim);
+      }
+    }
     if (j == own) continue;
-    const acc_t d = std::sqrt(exact_sqdist<scalar_t, acc_t>(xr, rp + j * dim, dim));
+    const acc_t d = std::sqrt(sq[q]);
     if (kept ? !(d < thr) : !(d <= thr)) continue;
     tmp[cnt++] = {d, static_cast<int32_t>(j)};
     if (cnt == 2 * k) {
@@ -440,9 +458,141 @@ void scores_by_tiles(const float* xsp, int64_t b, int64_t dim, int64_t qrows, in
 }
 #endif
 
+// Self-kNN of float rows by exact pair distances (self_pairs.h) instead of scores + re-rank.
+// LDREG_CPU_PAIRS=auto (default: the widest kernel this CPU runs, where the distance matrix
+// fits kPairsBytes) | off | avx512 | avx2 | scalar (forced: every float self-kNN whose matrix
+// fits kPairsMaxBytes). Every kernel gives the same bits (tests force each).
+enum class Pairs : int { kOff = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+// B x B floats: 16 MiB is B = 2048, the largest SSL batch against itself this path is for;
+// above it the matrix leaves L2/L3 and the score path's O(B * m) memory is the better deal.
+constexpr int64_t kPairsBytes = int64_t{16} << 20;
+constexpr int64_t kPairsMaxBytes = int64_t{1} << 30;
+
+struct PairsChoice {
+  Pairs kernel = Pairs::kOff;
+  bool calibrate = false;  // auto: the faster of the two paths, timed at this shape's first call
+};
+
+inline PairsChoice pairs_kernel(int64_t b) {
+  const int64_t bytes = b * b * static_cast<int64_t>(sizeof(float));
+  const Pairs widest = cpu_has_avx512f() ? Pairs::kAvx512 : cpu_has_avx2_fma() ? Pairs::kAvx2 : Pairs::kScalar;
+  const char* env = std::getenv("LDREG_CPU_PAIRS");
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty() || v == "auto") {
+    if (bytes > kPairsBytes || widest == Pairs::kScalar) return {};
+    return {widest, true};
+  }
+  if (v == "off") return {};
+  TORCH_CHECK_VALUE(v == "avx512" || v == "avx2" || v == "scalar",
+                    "LDREG_CPU_PAIRS must be auto, off, avx512, avx2 or scalar, got '", v, "'");
+  const Pairs want = v == "avx512" ? Pairs::kAvx512 : v == "avx2" ? Pairs::kAvx2 : Pairs::kScalar;
+  TORCH_CHECK_VALUE(want <= widest, "LDREG_CPU_PAIRS=", v, ": this CPU lacks ",
+                    want == Pairs::kAvx512 ? "AVX-512F" : "AVX2/FMA");
+  if (bytes > kPairsMaxBytes) return {};
+  return {want, false};
+}
+
+// Which path won at (b, dim, k, threads), once timed: both give the same bits (one float
+// distance definition, the score path's certificate), so the choice moves only the speed.
+struct PairsCalibration {
+  std::mutex mu;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int>, bool> pairs_faster;
+};
+inline PairsCalibration& pairs_calibration() {
+  static PairsCalibration c;
+  return c;
+}
+
+// dmat[i][j] = dmat[j][i] = |x_i - x_j| for i < j, dmat[i][i] = 0, by R x C tiles of `tile`
+// over the upper triangle. Row tile t and its mirror nt - 1 - t go to one task, so every task
+// has the same number of pairs. Each element is written by exactly one tile.
+template <int R, int C, typename Tile>
+void pair_distances(const float* xp, int64_t b, int64_t dim, Tile tile, float* dmat) {
+  const int64_t nt = (b + R - 1) / R;
+  at::parallel_for(0, (nt + 1) / 2, 1, [&](int64_t u0, int64_t u1) {
+    float out[R * C];
+    const float* a[R];
+    const float* bc[C];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t tiles[2] = {u, nt - 1 - u};
+      for (int q = 0; q < (tiles[0] == tiles[1] ? 1 : 2); ++q) {  // the middle tile of an odd count: once
+        const int64_t i0 = tiles[q] * R;
+        for (int r = 0; r < R; ++r) a[r] = xp + std::min(i0 + r, b - 1) * dim;
+        for (int64_t j0 = i0; j0 < b; j0 += C) {
+          for (int c = 0; c < C; ++c) bc[c] = xp + std::min(j0 + c, b - 1) * dim;
+          tile(a, bc, dim, out);
+          for (int r = 0; r < R; ++r) {
+            const int64_t i = i0 + r;
+            for (int c = 0; c < C; ++c) {
+              const int64_t j = j0 + c;
+              if (i < b && j < b && j > i) dmat[i * b + j] = dmat[j * b + i] = std::sqrt(out[r * C + c]);
+            }
+          }
+        }
+      }
+    }
+  });
+  for (int64_t i = 0; i < b; ++i) dmat[i * b + i] = 0.0f;
+}
+
+// The k nearest of every row of dmat (b x b exact distances), own row excluded by index if
+// exclude_self, in (distance, index) order: a threshold with >= k distances under it
+// (histogram_threshold), the rows under it as keys, the k smallest keys, sorted.
+void select_from_pairs(const float* dmat, int64_t b, int64_t k, bool exclude_self, float* dp, int64_t* ip) {
+  at::parallel_for(0, b, 16, [&](int64_t r0, int64_t r1) {
+    rerank::Scratch s(b);
+    uint64_t* keys = s.keys.data();
+    for (int64_t row = r0; row < r1; ++row) {
+      const float* d = dmat + row * b;
+      const int64_t own = exclude_self ? row : -1;
+      const float t = histogram_threshold(d, b, own, k);
+      int64_t cnt = 0;
+      const auto take = [&](int64_t j0, int64_t j1) {  // branch-free compaction, as filter_row's
+        for (int64_t j = j0; j < j1; ++j) {
+          keys[cnt] = rerank::key(d[j], static_cast<int32_t>(j));
+          cnt += static_cast<int64_t>((d[j] <= t) & (j != own));
+        }
+      };
+      int64_t jb = 0;
+      for (; jb + kAnyBlock <= b; jb += kAnyBlock) {
+        if (any_le(d + jb, t)) take(jb, jb + kAnyBlock);
+      }
+      take(jb, b);
+      rerank::select_smallest(keys, cnt, k, s);
+      const uint64_t* sorted = rerank::sort_keys(keys, k, s);
+      for (int64_t c = 0; c < k; ++c) {
+        dp[row * k + c] = rerank::key_value(sorted[c]);
+        ip[row * k + c] = rerank::key_index(sorted[c]);
+      }
+    }
+  });
+}
+
+void knn_by_pairs(const float* xp, int64_t b, int64_t dim, int64_t k, bool exclude_self, Pairs kernel, float* dp,
+                  int64_t* ip) {
+  // Kept per calling thread (at most kPairsBytes under auto): a fresh B x B buffer would
+  // fault in its pages on every call.
+  thread_local std::vector<float> buf;
+  if (buf.size() < static_cast<size_t>(b * b)) buf.resize(static_cast<size_t>(b * b));
+  float* dmat = buf.data();
+  switch (kernel) {
+#ifdef LDREG_X86_AVX2
+    case Pairs::kAvx512:
+      pair_distances<4, 4>(xp, b, dim, self_pairs::tile_avx512, dmat);
+      break;
+    case Pairs::kAvx2:
+      pair_distances<2, 2>(xp, b, dim, self_pairs::tile_avx2, dmat);
+      break;
+#endif
+    default:
+      pair_distances<2, 2>(xp, b, dim, self_pairs::tile_scalar<2, 2>, dmat);
+  }
+  select_from_pairs(dmat, b, k, exclude_self, dp, ip);
+}
+
 template <typename scalar_t, typename acc_t>
-void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t self_offset,
-                  bool exclude_self, at::Tensor& dist, at::Tensor& idx) {
+void knn_by_scores(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t self_offset, bool exclude_self,
+                   bool same, at::Tensor& dist, at::Tensor& idx) {
   const int64_t b = x.size(0), n = ref.size(0), dim = x.size(1);
   const int64_t n_valid = n - (exclude_self ? 1 : 0);
   const int64_t m = std::min(k + default_margin(k), n_valid);
@@ -452,8 +602,6 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
   const at::Tensor xs = (x.to(ct) - mu).contiguous();
   const at::Tensor sqx = (xs * xs).sum(1);
   const acc_t* xsp = xs.data_ptr<acc_t>();
-  // The same rows in memory (ldreg_loss(x) passes x.detach(): another tensor, one storage).
-  const bool same = x.data_ptr() == ref.data_ptr() && x.sizes() == ref.sizes() && x.strides() == ref.strides();
 
   // Query blocks: at most kRowsMax rows, and at least one block per thread.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -579,6 +727,48 @@ void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t
                                       tmp.data(), dp + row * k, ip + row * k);
     }
   });
+}
+
+template <typename scalar_t, typename acc_t>
+void knn_cpu_impl(const at::Tensor& x, const at::Tensor& ref, int64_t k, int64_t self_offset,
+                  bool exclude_self, at::Tensor& dist, at::Tensor& idx) {
+  // The same rows in memory (ldreg_loss(x) passes x.detach(): another tensor, one storage).
+  const bool same = x.data_ptr() == ref.data_ptr() && x.sizes() == ref.sizes() && x.strides() == ref.strides();
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const PairsChoice pairs = same ? pairs_kernel(x.size(0)) : PairsChoice{};
+    if (pairs.kernel != Pairs::kOff) {
+      const int64_t b = x.size(0), dim = x.size(1);
+      const auto by_pairs = [&] {
+        knn_by_pairs(x.data_ptr<float>(), b, dim, k, exclude_self, pairs.kernel, dist.data_ptr<float>(),
+                     idx.data_ptr<int64_t>());
+      };
+      if (!pairs.calibrate) return by_pairs();
+      const auto key = std::make_tuple(b, dim, k, at::get_num_threads());
+      PairsCalibration& cal = pairs_calibration();
+      {
+        std::lock_guard<std::mutex> lock(cal.mu);
+        const auto it = cal.pairs_faster.find(key);
+        if (it != cal.pairs_faster.end()) {
+          if (it->second) return by_pairs();
+          return knn_by_scores<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, same, dist, idx);
+        }
+      }
+      // First call at this shape: the score path once to warm up (threads, pages), then each
+      // timed once; either leaves the same answer in dist and idx.
+      using clock = std::chrono::steady_clock;
+      knn_by_scores<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, same, dist, idx);
+      auto t0 = clock::now();
+      by_pairs();
+      const auto t_pairs = clock::now() - t0;
+      t0 = clock::now();
+      knn_by_scores<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, same, dist, idx);
+      const auto t_scores = clock::now() - t0;
+      std::lock_guard<std::mutex> lock(cal.mu);
+      cal.pairs_faster[key] = t_pairs < t_scores;
+      return;
+    }
+  }
+  knn_by_scores<scalar_t, acc_t>(x, ref, k, self_offset, exclude_self, same, dist, idx);
 }
 
 // grad_x of one query row: g = (sum_c coef_c (x - r_idx_c)) * inv, neighbour by neighbour.

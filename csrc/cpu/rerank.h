@@ -2,9 +2,9 @@
 // ordering candidates by one 64-bit key (32 order-preserving bits of the value, then the
 // row index), so ties fall to the smaller index without a two-field compare.
 //
-// Why: at large k the re-rank, not the score GEMM, is the cost. With one 8-lane accumulator
-// the distance loop is bound by the add latency (3 cycles per 8 dimensions on Zen 2); four
-// accumulators and FMA make it throughput-bound. nth_element + sort over (distance, index)
+// Why: at large k the re-rank, not the score GEMM, is the cost. One candidate's 16-lane
+// definition is two FMA chains, bound by their latency; four candidates at a time give eight,
+// which makes it throughput-bound. nth_element + sort over (distance, index)
 // pairs mispredict about once per compare; an LSD radix sort is branch-free and linear.
 #pragma once
 
@@ -14,67 +14,53 @@
 #include <limits>
 #include <vector>
 
+#include "self_pairs.h"
 #include "x86_simd.h"
 
 namespace ldreg {
 namespace rerank {
 
 #ifdef LDREG_X86_AVX2
-// out[c] = sum_j (a_j - b[c]_j)^2 for c < C: four 8-lane FMA chains per candidate, a masked load
-// for the last d % 8 dimensions, then a fixed reduction order (so a given pair always gets the
-// same bits). The C candidates share the query's loads: their rows are gathered from L2/L3 and
-// the loads, not the FMAs, bound the loop, so one load of a serves C of them. Each candidate has
-// its own four chains, tail and reduction order, the same for every C, so a pair gets the same
-// bits whichever C computes it. 4 C accumulators plus the query's four vectors: C = 2 fits
-// AVX2's 16 registers, C = 4 needs AVX-512VL's 32 (sqdist_multi).
+// out[c] = sum_j (a_j - b[c]_j)^2 for c < C, in the bits of the CPU's float distance definition
+// (self_pairs.h: 16 lanes, lane l the FMA chain over j = l (mod 16), then a fixed reduction),
+// as two 8-lane chains per candidate, so the re-rank, the exhaustive redo and the pair tiles
+// agree bit for bit. The C candidates share the query's loads: their rows are gathered from
+// L2/L3 and the loads, not the FMAs, bound the loop, so one load of a serves C of them; C = 4
+// gives the 8 independent chains that hide the FMA latency (12 of AVX2's 16 registers).
 template <int C>
 __attribute__((target("avx2,fma"), always_inline)) inline void sqdist_avx2_multi(const float* a, const float* const* b,
                                                                                 int64_t d, float* out) {
-  __m256 s[C][4];
+  __m256 s[C][2];
 #pragma GCC unroll 4
-  for (int c = 0; c < C; ++c) s[c][0] = s[c][1] = s[c][2] = s[c][3] = _mm256_setzero_ps();
+  for (int c = 0; c < C; ++c) s[c][0] = s[c][1] = _mm256_setzero_ps();
   int64_t j = 0;
-  for (; j + 32 <= d; j += 32) {
+  for (; j + 16 <= d; j += 16) {
     const __m256 x0 = _mm256_loadu_ps(a + j), x1 = _mm256_loadu_ps(a + j + 8);
-    const __m256 x2 = _mm256_loadu_ps(a + j + 16), x3 = _mm256_loadu_ps(a + j + 24);
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {
       const __m256 t0 = _mm256_sub_ps(x0, _mm256_loadu_ps(b[c] + j));
       const __m256 t1 = _mm256_sub_ps(x1, _mm256_loadu_ps(b[c] + j + 8));
-      const __m256 t2 = _mm256_sub_ps(x2, _mm256_loadu_ps(b[c] + j + 16));
-      const __m256 t3 = _mm256_sub_ps(x3, _mm256_loadu_ps(b[c] + j + 24));
       s[c][0] = _mm256_fmadd_ps(t0, t0, s[c][0]);
       s[c][1] = _mm256_fmadd_ps(t1, t1, s[c][1]);
-      s[c][2] = _mm256_fmadd_ps(t2, t2, s[c][2]);
-      s[c][3] = _mm256_fmadd_ps(t3, t3, s[c][3]);
     }
   }
-  for (; j + 8 <= d; j += 8) {
-    const __m256 x = _mm256_loadu_ps(a + j);
+  if (j < d) {  // the last d % 16: masked loads give t = 0 past d
+    alignas(32) static const int32_t lanes[24] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                  -1, -1, -1, -1, 0,  0,  0,  0,  0,  0,  0,  0};
+    const int64_t rem = d - j;
+    const __m256i m0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 16 - std::min<int64_t>(rem, 8)));
+    const __m256i m1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 16 - std::max<int64_t>(rem - 8, 0)));
+    const __m256 x0 = _mm256_maskload_ps(a + j, m0), x1 = _mm256_maskload_ps(a + j + 8, m1);
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {
-      const __m256 t = _mm256_sub_ps(x, _mm256_loadu_ps(b[c] + j));
-      s[c][0] = _mm256_fmadd_ps(t, t, s[c][0]);
-    }
-  }
-  if (j < d) {
-    alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - (d - j)));
-    const __m256 x = _mm256_maskload_ps(a + j, mask);
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) {
-      const __m256 t = _mm256_sub_ps(x, _mm256_maskload_ps(b[c] + j, mask));
-      s[c][1] = _mm256_fmadd_ps(t, t, s[c][1]);
+      const __m256 t0 = _mm256_sub_ps(x0, _mm256_maskload_ps(b[c] + j, m0));
+      const __m256 t1 = _mm256_sub_ps(x1, _mm256_maskload_ps(b[c] + j + 8, m1));
+      s[c][0] = _mm256_fmadd_ps(t0, t0, s[c][0]);
+      s[c][1] = _mm256_fmadd_ps(t1, t1, s[c][1]);
     }
   }
 #pragma GCC unroll 4
-  for (int c = 0; c < C; ++c) {
-    const __m256 v = _mm256_add_ps(_mm256_add_ps(s[c][0], s[c][1]), _mm256_add_ps(s[c][2], s[c][3]));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    out[c] = _mm_cvtss_f32(h);
-  }
+  for (int c = 0; c < C; ++c) out[c] = self_pairs::reduce8(_mm256_add_ps(s[c][0], s[c][1]));
 }
 
 // One candidate (the re-rank without grouping, and the exhaustive redo).
@@ -89,13 +75,12 @@ __attribute__((target("avx2,fma"))) inline void sqdist_avx2_x2(const float* a, c
   sqdist_avx2_multi<2>(a, b, d, out);
 }
 
-// The same AVX2 arithmetic; AVX-512VL only gives the compiler ymm16-31 for the accumulators.
-__attribute__((target("avx2,fma,avx512f,avx512vl"))) inline void sqdist_avx2_x4(const float* a, const float* const* b,
-                                                                                int64_t d, float* out) {
+__attribute__((target("avx2,fma"))) inline void sqdist_avx2_x4(const float* a, const float* const* b, int64_t d,
+                                                               float* out) {
   sqdist_avx2_multi<4>(a, b, d, out);
 }
 
-// out[c] = sqdist_avx2(a, b[c], d) for c < n, g (1, 2, or 4 where AVX-512VL runs) at a time.
+// out[c] = sqdist_avx2(a, b[c], d) for c < n, g (1, 2 or 4) at a time.
 inline void sqdist_multi(const float* a, const float* const* b, int64_t n, int64_t d, float* out, int g) {
   int64_t c = 0;
   if (g == 4) {
