@@ -193,17 +193,18 @@ void exhaustive_row(const scalar_t* xr, const scalar_t* rp, int64_t n, int64_t d
     const int64_t q = j % kAtOnce;
     if (q == 0) {
       const int64_t jn = std::min(kAtOnce, n - j);
+      bool done = false;
 #ifdef LDREG_X86_AVX2
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (jn == kAtOnce && cpu_has_avx2_fma()) {
-          const float* rows[kAtOnce] = {rp + j * dim, rp + (j + 1) * dim, rp + (j + 2) * dim, rp + (j + 3) * dim};
-          rerank::sqdist_avx2_x4(xr, rows, dim, sq);
-        } else {
-          for (int64_t c = 0; c < jn; ++c) sq[c] = exact_sqdist<scalar_t, acc_t>(xr, rp + (j + c) * dim, dim);
+        if (cpu_has_avx2_fma()) {
+          const float* rows[kAtOnce];
+          for (int64_t c = 0; c < jn; ++c) rows[c] = rp + (j + c) * dim;
+          rerank::sqdist_multi(xr, rows, jn, dim, sq, 4);
+          done = true;
         }
-      } else
+      }
 #endif
-      {
+      if (!done) {
         for (int64_t c = 0; c < jn; ++c) sq[c] = exact_sqdist<scalar_t, acc_t>(xr, rp + (j + c) * dim, dim);
       }
     }
@@ -525,7 +526,7 @@ void pair_distances(const float* xp, int64_t b, int64_t dim, Tile tile, float* d
             const int64_t i = i0 + r;
             for (int c = 0; c < C; ++c) {
               const int64_t j = j0 + c;
-              if (i < b && j < b && j > i) dmat[i * b + j] = dmat[j * b + i] = std::sqrt(out[r * C + c]);
+              if (j > i && j < b) dmat[i * b + j] = dmat[j * b + i] = std::sqrt(out[r * C + c]);
             }
           }
         }

@@ -44,12 +44,9 @@ __attribute__((target("avx2,fma"), always_inline)) inline void sqdist_avx2_multi
       s[c][1] = _mm256_fmadd_ps(t1, t1, s[c][1]);
     }
   }
-  if (j < d) {  // the last d % 16: masked loads give t = 0 past d
-    alignas(32) static const int32_t lanes[24] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                                  -1, -1, -1, -1, 0,  0,  0,  0,  0,  0,  0,  0};
-    const int64_t rem = d - j;
-    const __m256i m0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 16 - std::min<int64_t>(rem, 8)));
-    const __m256i m1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 16 - std::max<int64_t>(rem - 8, 0)));
+  if (j < d) {  // the last d % 16
+    __m256i m0, m1;
+    self_pairs::tail_masks(d - j, m0, m1);
     const __m256 x0 = _mm256_maskload_ps(a + j, m0), x1 = _mm256_maskload_ps(a + j + 8, m1);
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {

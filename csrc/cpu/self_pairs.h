@@ -53,6 +53,15 @@ inline void tile_scalar(const float* const* a, const float* const* b, int64_t d,
 }
 
 #ifdef LDREG_X86_AVX2
+// Masks for the last rem (1..15) features as two 8-lane halves: masked loads give t = 0 on
+// the lanes past d, and fma(0, 0, s) = s, so a tail changes only its own lanes.
+__attribute__((target("avx2,fma"), always_inline)) inline void tail_masks(int64_t rem, __m256i& m0, __m256i& m1) {
+  alignas(32) static const int32_t lanes[24] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                -1, -1, -1, -1, 0,  0,  0,  0,  0,  0,  0,  0};
+  m0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 16 - std::min<int64_t>(rem, 8)));
+  m1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 16 - std::max<int64_t>(rem - 8, 0)));
+}
+
 // The last step of the definition on lanes 0..7 already summed with 8..15 (s8).
 __attribute__((target("avx2,fma"), always_inline)) inline float reduce8(__m256 s8) {
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
@@ -83,12 +92,9 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* const* a,
       s[1][c][1] = _mm256_fmadd_ps(t11, t11, s[1][c][1]);
     }
   }
-  if (j < d) {  // fewer than 16 features: masked loads give t = 0 on the lanes past d
-    alignas(32) static const int32_t lanes[24] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                                  -1, -1, -1, -1, 0,  0,  0,  0,  0,  0,  0,  0};
-    const int64_t rem = d - j;  // 1..15
-    const __m256i m0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 16 - std::min<int64_t>(rem, 8)));
-    const __m256i m1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 16 - std::max<int64_t>(rem - 8, 0)));
+  if (j < d) {  // fewer than 16 features
+    __m256i m0, m1;
+    tail_masks(d - j, m0, m1);
     for (int r = 0; r < 2; ++r) {
       const __m256 x0 = _mm256_maskload_ps(a[r] + j, m0), x1 = _mm256_maskload_ps(a[r] + j + 8, m1);
       for (int c = 0; c < 2; ++c) {

@@ -28,13 +28,4 @@ inline bool cpu_has_avx512f() {
 #endif
 }
 
-inline bool cpu_has_avx512vl() {
-#ifdef LDREG_X86_AVX2
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  return yes;
-#else
-  return false;
-#endif
-}
-
 }  // namespace ldreg
